@@ -1,0 +1,1 @@
+"""megatron-vlm: a training stack for vision-language models on megatron-core."""

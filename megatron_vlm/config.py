@@ -1,0 +1,665 @@
+"""The run configuration: one tree of dataclasses, YAML recipes and ``key=value`` overrides.
+
+A run is described by a :class:`RunConfig`. It is loaded from a recipe (a name shipped in
+``megatron_vlm/recipes/`` or a path to a YAML file nested like the tree), optionally
+inheriting another recipe with ``base: NAME_OR_PATH``, then adjusted by dotted overrides::
+
+    cfg = load_config("tiny", ["train.lr=1e-3", "model.projector.type=linear"])
+    dp = cfg.validate_parallel(world_size=4)   # once the world size is known
+    dump_config(cfg, f"{cfg.output_dir}/config.yaml")
+    print(non_default_values(cfg))
+
+Every section coerces and validates its fields at construction (``__post_init__``); errors are
+``ValueError``s that name the dotted key. Each field carries a docstring (the string literal
+right after it) which :func:`format_help` prints for ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import importlib.resources
+import inspect
+import json
+import re
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import yaml
+
+PROJECTOR_TYPES = ("mlp2", "linear")
+ENCODER_MODES = ("precomputed", "online")
+CUSTOM_ENCODER = "custom"
+PARAMS_DTYPES = ("fp32", "bf16")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+BACKENDS = ("auto", "nccl", "gloo")
+RECIPES_PACKAGE = "megatron_vlm.recipes"
+
+
+class _Section:
+    """Behaviour shared by all config sections: field coercion and validation at construction.
+
+    ``_PATH`` is the section's dotted location in the tree, used to name fields in errors.
+    """
+
+    _PATH = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Coerce field values to their declared types, then run the section's checks."""
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if _is_section(tp):
+                if not isinstance(value, tp):
+                    raise ValueError(f"{self._key(f.name)} must be a {tp.__name__}, got {value!r}")
+            else:
+                setattr(self, f.name, _coerce(value, tp, self._key(f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Section-specific checks; override in sections that have any."""
+
+    def _key(self, name: str) -> str:
+        return _join(self._PATH, name)
+
+    def _fail(self, name: str, problem: str) -> None:
+        raise ValueError(f"{self._key(name)}={getattr(self, name)!r} {problem}")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                self._fail(name, "must be positive")
+
+    def _check_choice(self, name: str, choices: Sequence[Any]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class DecoderConfig(_Section):
+    """Decoder-only language model (DCLM/OpenLM block) built with megatron-core."""
+
+    _PATH = "model.decoder"
+
+    num_layers: int
+    """Number of transformer blocks."""
+    hidden_size: int
+    """Model width d_model."""
+    num_attention_heads: int
+    """Attention heads (no grouped-query attention); head dim = hidden_size / heads."""
+    vocab_size: int
+    """Model (padded) vocabulary size: rows of the input embedding and of the output layer."""
+    max_seq_length: int
+    """Longest sequence the model supports; length of the rotary table."""
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU hidden width; null means 256 * ceil(int(8 * hidden_size / 3) / 256)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the gain-only LayerNorms."""
+    rotary_base: int = 10000
+    """Base of the rotary position embedding (NeoX style, over the full head dim)."""
+    qk_norm: bool = True
+    """Apply a full-width gain-only LayerNorm to Q and K (statistics over all heads)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def resolved_ffn_hidden_size(self) -> int:
+        """``ffn_hidden_size``, or the DCLM/OpenLM SwiGLU rule when it is None."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return 256 * -(-(8 * self.hidden_size // 3) // 256)
+
+    def _check(self) -> None:
+        self._check_positive("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                             "max_seq_length", "ffn_hidden_size", "norm_eps", "rotary_base",
+                             "init_method_std")
+        if self.hidden_size % self.num_attention_heads:
+            self._fail("hidden_size", f"is not divisible by {self._key('num_attention_heads')}="
+                                      f"{self.num_attention_heads}")
+
+
+@dataclass
+class ProjectorConfig(_Section):
+    """Projection of image embeddings (encoder width) into the decoder's width."""
+
+    _PATH = "model.projector"
+
+    type: str = "mlp2"
+    """'mlp2': Linear, GELU, Linear (the paper's default); 'linear': one Linear."""
+    hidden_multiplier: int = 4
+    """mlp2 hidden width = hidden_multiplier * model.encoder.embed_dim."""
+    bias: bool = True
+    """Give the projector's linear layers biases."""
+
+    def _check(self) -> None:
+        self._check_choice("type", PROJECTOR_TYPES)
+        self._check_positive("hidden_multiplier")
+
+
+@dataclass
+class EncoderConfig(_Section):
+    """Vision encoder (an open_clip image tower, SigLIP so400m by default)."""
+
+    _PATH = "model.encoder"
+
+    mode: str = "precomputed"
+    """'precomputed': patch embeddings are read from shards; 'online': the tower runs on images."""
+    embed_dim: int = 1152
+    """Width d_enc of the patch embeddings fed to the projector."""
+    num_image_tokens: int = 729
+    """Patch tokens per image (sequence positions an image occupies)."""
+    open_clip_model: str = "ViT-SO400M-14-SigLIP-384"
+    """open_clip architecture name, or 'custom' to build the tower from custom_vision_cfg."""
+    custom_vision_cfg: Optional[dict] = None
+    """open_clip vision tower config (CLIPVisionCfg keys) used when open_clip_model is 'custom'."""
+    image_size: int = 384
+    """Side of the square image given to the tower, in pixels."""
+    weights_path: Optional[str] = None
+    """Local file with the tower's weights; null means random initialization."""
+    frozen: bool = True
+    """Keep the tower's weights fixed; an unfrozen tower needs mode 'online'."""
+
+    def _check(self) -> None:
+        self._check_choice("mode", ENCODER_MODES)
+        self._check_positive("embed_dim", "num_image_tokens", "image_size")
+        if not self.open_clip_model:
+            self._fail("open_clip_model", "must name an open_clip architecture or 'custom'")
+        if not self.frozen and self.mode != "online":
+            self._fail("mode", f"cannot train an encoder whose outputs are precomputed "
+                               f"({self._key('frozen')}=False needs mode 'online')")
+        vision = self.custom_vision_cfg
+        if self.open_clip_model != CUSTOM_ENCODER:
+            if vision is not None:
+                self._fail("custom_vision_cfg", f"is only used with {self._key('open_clip_model')}="
+                                                f"'{CUSTOM_ENCODER}'; set it to null")
+            return
+        if vision is None:
+            self._fail("custom_vision_cfg", f"is required when {self._key('open_clip_model')}="
+                                            f"'{CUSTOM_ENCODER}'")
+        self._check_custom_agrees("image_size", vision.get("image_size"), self.image_size)
+        self._check_custom_agrees("width", vision.get("width"), self.embed_dim)
+        size, patch = vision.get("image_size"), vision.get("patch_size")
+        if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+            self._check_custom_agrees("patch_size", (size // patch) ** 2, self.num_image_tokens,
+                                      what="(image_size // patch_size) ** 2")
+
+    def _check_custom_agrees(self, key: str, custom: Any, own: Any, what: str = "") -> None:
+        if custom is not None and custom != own:
+            raise ValueError(f"{self._key('custom_vision_cfg')}: {what or key}={custom!r} does not "
+                             f"match the encoder's own setting ({own!r}); see "
+                             f"{self._key('image_size')}, {self._key('embed_dim')}, "
+                             f"{self._key('num_image_tokens')}")
+
+
+@dataclass
+class ModelConfig(_Section):
+    """The vision-language model: decoder, projector and vision encoder."""
+
+    _PATH = "model"
+
+    decoder: DecoderConfig
+    """Decoder-only language model."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Image-embedding projector."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Vision encoder."""
+
+    def _check(self) -> None:
+        for section in (self.decoder, self.projector, self.encoder):
+            section.validate()
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """How the model and the batch are split over processes."""
+
+    _PATH = "parallel"
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (ranks that split each layer)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size (stages that split the layers)."""
+    data_parallel: Optional[int] = None
+    """Data-parallel size; null means world_size // (tensor_parallel * pipeline_parallel)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel ranks (megatron-core distributed optimizer)."""
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
+    timeout_minutes: int = 10
+    """Timeout of collectives, so that a hung rank fails instead of stalling."""
+
+    def _check(self) -> None:
+        self._check_positive("tensor_parallel", "pipeline_parallel", "data_parallel",
+                             "timeout_minutes")
+        self._check_choice("backend", BACKENDS)
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Batch, schedule, optimizer and numerics of training."""
+
+    _PATH = "train"
+
+    micro_batch_size: int = 2
+    """Sequences per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    seq_length: int = 1024
+    """Training sequence length in tokens (image positions included)."""
+    train_iters: int = 10
+    """Optimizer steps of the run."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-5
+    """Final learning rate of the decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    params_dtype: str = "fp32"
+    """Parameter and compute dtype: 'fp32' or 'bf16' (with fp32 main weights in the optimizer)."""
+    fp8: Optional[str] = None
+    """FP8 format: null, 'hybrid' or 'e4m3' (needs Transformer Engine and a Hopper GPU)."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+
+    def _check(self) -> None:
+        self._check_positive("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
+                             "lr", "adam_eps", "log_interval")
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                self._fail(name, "must not be negative")
+        if self.min_lr > self.lr:
+            self._fail("min_lr", f"is larger than {self._key('lr')}={self.lr!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                self._fail(name, "must be in [0, 1)")
+        self._check_choice("params_dtype", PARAMS_DTYPES)
+        self._check_choice("fp8", FP8_FORMATS)
+        if self.global_batch_size % self.micro_batch_size:
+            self._fail("global_batch_size", f"is not divisible by {self._key('micro_batch_size')}="
+                                            f"{self.micro_batch_size}")
+
+
+@dataclass(kw_only=True)  # keyword-only: `model` has no default but follows fields that do
+class RunConfig(_Section):
+    """A whole run: model, parallel layout and training settings."""
+
+    name: str = "tiny"
+    """Run name (logs, checkpoints and result tables)."""
+    output_dir: str = "runs/tiny"
+    """Directory for checkpoints, logs and the resolved config."""
+    seed: int = 1234
+    """Random seed."""
+    model: ModelConfig
+    """The vision-language model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings."""
+
+    def _check(self) -> None:
+        for section in (self.model, self.parallel, self.train):
+            section.validate()
+        if not self.name:
+            self._fail("name", "must not be empty")
+        decoder = self.model.decoder
+        if self.train.seq_length > decoder.max_seq_length:
+            self._fail_pair("train.seq_length", self.train.seq_length, "is larger than",
+                            "model.decoder.max_seq_length", decoder.max_seq_length)
+
+    @staticmethod
+    def _fail_pair(key: str, value: Any, problem: str, other: str, other_value: Any) -> None:
+        raise ValueError(f"{key}={value} {problem} {other}={other_value}")
+
+    def validate_parallel(self, world_size: int) -> int:
+        """Check the layout for ``world_size`` ranks; store and return the data-parallel size."""
+        par, dec, train = self.parallel, self.model.decoder, self.train
+        tp, pp = par.tensor_parallel, par.pipeline_parallel
+        if world_size < 1 or world_size % (tp * pp):
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tensor_parallel"
+                             f" * parallel.pipeline_parallel = {tp} * {pp}")
+        dp = par.data_parallel if par.data_parallel is not None else world_size // (tp * pp)
+        if dp * tp * pp != world_size:
+            raise ValueError(f"parallel.data_parallel * parallel.tensor_parallel * "
+                             f"parallel.pipeline_parallel = {dp} * {tp} * {pp} != world size "
+                             f"{world_size}")
+        by_tp = [("model.decoder.num_attention_heads", dec.num_attention_heads),
+                 ("model.decoder.vocab_size", dec.vocab_size),
+                 ("model.decoder.ffn_hidden_size (resolved)", dec.resolved_ffn_hidden_size())]
+        if self.model.projector.type == "mlp2":
+            by_tp.append(("model.projector.hidden_multiplier * model.encoder.embed_dim",
+                          self.model.projector.hidden_multiplier * self.model.encoder.embed_dim))
+        for key, value in by_tp:
+            if value % tp:
+                self._fail_pair(key, value, "is not divisible by", "parallel.tensor_parallel", tp)
+        if dec.num_layers % pp:
+            self._fail_pair("model.decoder.num_layers", dec.num_layers, "is not divisible by",
+                            "parallel.pipeline_parallel", pp)
+        if train.global_batch_size % (train.micro_batch_size * dp):
+            self._fail_pair("train.global_batch_size", train.global_batch_size,
+                            "is not divisible by", "train.micro_batch_size * data-parallel size",
+                            f"{train.micro_batch_size} * {dp}")
+        # The distributed optimizer works at any data-parallel size (at dp=1 it shards nothing).
+        par.data_parallel = dp
+        return dp
+
+
+# ---------------------------------------------------------------------------------------------
+# Types, coercion and the walk over the tree
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` (int, float, bool, str, dict, or Optional of one) or ValueError."""
+    if typing.get_origin(tp) is typing.Union:
+        if value is None:
+            return None
+        (tp,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # e.g. train_iters=1e5
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) for every field of ``cls``, depth first, sections included."""
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = _join(prefix, f.name), hints[f.name]
+        yield key, f, tp
+        if _is_section(tp):
+            yield from _walk(tp, key)
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def config_keys(cls: type = RunConfig) -> list[str]:
+    """Every dotted key of the tree (sections and leaves)."""
+    return [key for key, _, _ in _walk(cls)]
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> docstring (the string literal right after the field in the class body)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def format_help(cfg_cls: type = RunConfig) -> str:
+    """Every config key with its type, default and docstring, for ``--help`` output."""
+    lines = ["config keys (set in a recipe YAML or as key=value overrides):"]
+    for key, f, tp in _walk(cfg_cls):
+        doc = field_docs(_owner(cfg_cls, key)).get(f.name, "")
+        if _is_section(tp):
+            lines += ["", f"{key}: {doc}"]
+            continue
+        default = json.dumps(f.default) if _has_default(f) else "required"
+        lines.append(f"  {key}  ({f.type}, {default})")
+        lines += textwrap.wrap(doc, width=92, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _owner(cls: type, key: str) -> type:
+    """The section class holding the field at dotted ``key``."""
+    for name in key.split(".")[:-1]:
+        cls = _type_hints(cls)[name]
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Dicts <-> configs
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "dict") -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (as in a recipe or a dumped config)."""
+    return _build(RunConfig, _normalize(RunConfig, data, "", source), "")
+
+
+def non_default_values(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every field that differs from its default (or has none)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        key, value = _join(prefix, f.name), getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(non_default_values(value, key))
+        elif not _has_default(f) or value != f.default:
+            out[key] = value
+    return out
+
+
+def _normalize(cls: type, data: Any, prefix: str, source: str) -> dict[str, Any]:
+    """Check ``data``'s keys against section ``cls`` and coerce its leaves; a new nested dict."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'the config'} in {source} must be a mapping, got {data!r}")
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in data.items():
+        key = _join(prefix, str(name))
+        if name not in names:
+            raise ValueError(_unknown_key_message(key, source))
+        if _is_section(hints[name]):
+            out[name] = _normalize(hints[name], value, key, source)
+        else:
+            try:
+                out[name] = _coerce(value, hints[name], key)
+            except ValueError as err:
+                raise ValueError(f"{err} (in {source})") from None
+    return out
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    keys = config_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    guesses = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    guesses += difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    guesses = list(dict.fromkeys(guesses))[:4]
+    hint = f"did you mean {', '.join(guesses)}?" if guesses else "see --help for the keys"
+    return f"unknown config key '{key}' in {source}; {hint}"
+
+
+def _merge(cls: type, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: sections merge key by key, leaves (dicts too) are replaced."""
+    hints = _type_hints(cls)
+    out = dict(base)
+    for name, value in over.items():
+        tp = hints[name]
+        out[name] = _merge(tp, out.get(name, {}), value) if _is_section(tp) else value
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    kwargs, missing = {}, []
+    for key, f, tp in ((_join(prefix, f.name), f, _type_hints(cls)[f.name])
+                       for f in dataclasses.fields(cls)):
+        if _is_section(tp):
+            try:
+                kwargs[f.name] = _build(tp, data.get(f.name, {}), key)
+            except _MissingKeys as err:
+                missing += err.keys
+        elif f.name in data:
+            kwargs[f.name] = data[f.name]
+        elif not _has_default(f):
+            missing.append(key)
+    if missing:
+        raise _MissingKeys(missing)
+    return cls(**kwargs)
+
+
+class _MissingKeys(ValueError):
+    def __init__(self, keys: list[str]):
+        super().__init__(f"missing required config keys: {', '.join(keys)}")
+        self.keys = keys
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML recipes and overrides
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-3``) as floats."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in megatron_vlm/recipes/."""
+    root = importlib.resources.files(RECIPES_PACKAGE)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _is_path(ref: str) -> bool:
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml"))
+
+
+def _locate(ref: str, relative_to: Optional[Path]) -> Path:
+    """The YAML file for a recipe name or path (relative paths from ``relative_to``)."""
+    if _is_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and relative_to is not None:
+            path = relative_to / path
+        if not path.is_file():
+            raise ValueError(f"recipe file {str(path)!r} does not exist")
+        return path
+    resource = importlib.resources.files(RECIPES_PACKAGE) / f"{ref}.yaml"
+    if not resource.is_file():
+        names = available_recipes()
+        close = difflib.get_close_matches(ref, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown recipe {ref!r}{hint}; shipped recipes: {', '.join(names)}; "
+                         f"or give a path to a YAML file")
+    return Path(str(resource))
+
+
+def _read_recipe(ref: str, relative_to: Optional[Path] = None,
+                 chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The nested dict of a recipe file, its ``base`` chain merged underneath."""
+    path = _locate(ref, relative_to).resolve()
+    if path in chain:
+        raise ValueError(f"recipe inheritance cycle: {' -> '.join(map(str, chain + (path,)))}")
+    raw = _load_yaml(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path} must hold a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    data = _normalize(RunConfig, raw, "", str(path))
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"'base' in {path} must be a recipe name or path, got {base!r}")
+    return _merge(RunConfig, _read_recipe(base, path.parent, chain + (path,)), data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like dotted.key=value")
+    parts = key.split(".")
+    cls = RunConfig
+    for depth, name in enumerate(parts[:-1]):
+        tp = _type_hints(cls).get(name)
+        if not _is_section(tp):
+            if tp is None:
+                break  # unknown: reported with suggestions by _normalize below
+            raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section;"
+                             f" give its whole value, e.g. {'.'.join(parts[:depth + 1])}={{...}}")
+        cls = tp
+    nested: Any = _load_yaml(text)
+    for name in reversed(parts):
+        nested = {name: nested}
+    return _merge(RunConfig, data, _normalize(RunConfig, nested, "", f"override {item!r}"))
+
+
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The validated RunConfig of a recipe (shipped name or YAML path) plus ``key=value`` overrides.
+
+    Override values are read as YAML (``true``, ``3``, ``1e-3``, ``null``, ``{a: 1}``) and checked
+    against the field's type. Parallel checks that need the world size are in
+    :meth:`RunConfig.validate_parallel`.
+    """
+    data = _read_recipe(recipe)
+    for item in overrides:
+        data = _apply_override(data, item)
+    return _build(RunConfig, data, "")
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def config_arg_parser(description: str, default_recipe: Optional[str] = None,
+                      prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argument parser with ``--recipe`` and ``key=value`` overrides; ``--help`` lists the keys.
+
+    Parse with ``parser.parse_intermixed_args()`` so options and overrides may be interleaved,
+    then ``load_config(args.recipe, args.overrides)``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=format_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=default_recipe, required=default_recipe is None,
+                        help=f"recipe name ({', '.join(available_recipes())}) or path to a YAML "
+                             f"file" + (f" (default: {default_recipe})" if default_recipe else ""))
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.lr=1e-3 model.projector.type=linear")
+    return parser

@@ -1,0 +1,1 @@
+"""Batch contract, shard formats, sample builders, blend index and loader."""

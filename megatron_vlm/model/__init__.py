@@ -1,0 +1,1 @@
+"""Decoder spec (DCLM/OpenLM block), projector, vision encoder and the VLM module."""

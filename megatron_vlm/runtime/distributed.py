@@ -1,0 +1,155 @@
+"""Process groups and megatron parallel state, on GPU (NCCL) or on CPU (gloo).
+
+This is the one place where the parallel layout is applied: :func:`initialize` creates the
+torch.distributed process group, picks the device mode (and, on a host without CUDA, installs
+the CPU compatibility layer so megatron-core's CUDA paths run on the CPU), then builds
+megatron-core's model-parallel groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("megatron_vlm")
+_MODE_LOGGED = False  # the device-mode line is printed once per process
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What :func:`initialize` set up."""
+
+    device: torch.device
+    backend: str
+    world_size: int
+    rank: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    cpu_mode: bool
+
+
+def has_transformer_engine() -> bool:
+    """True when Transformer Engine imports and a CUDA device exists."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises several error types when its extension is absent
+        return False
+    return True
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def initialize(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    backend: str = "auto",
+    timeout_minutes: int = 10,
+    seed: int = 1234,
+) -> RuntimeInfo:
+    """Initializes torch.distributed and megatron parallel state for this process.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
+    without them it runs as a single process. Every collective gets ``timeout_minutes`` so a
+    hung peer fails the run instead of stalling it.
+    """
+    from megatron.core import parallel_state
+
+    cuda = torch.cuda.is_available()
+    device, backend, rank, world_size = init_process_group_only(backend, timeout_minutes)
+    if world_size % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel="
+            f"{tensor_parallel * pipeline_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    data_parallel = world_size // (tensor_parallel * pipeline_parallel)
+    info = RuntimeInfo(device, backend, world_size, rank, tensor_parallel, pipeline_parallel,
+                       data_parallel, cpu_mode=not cuda)
+    global _MODE_LOGGED
+    if rank == 0 and not _MODE_LOGGED:
+        _MODE_LOGGED = True
+        if cuda:
+            spec = "Transformer Engine" if has_transformer_engine() else "local (no TE)"
+            logger.info("runtime: CUDA mode, %s backend, %s layer spec, world %d (TP=%d PP=%d DP=%d)",
+                        backend, spec, world_size, tensor_parallel, pipeline_parallel, data_parallel)
+        else:
+            logger.info("runtime: CPU mode (no CUDA): gloo backend, local megatron-core spec with "
+                        "SDPA attention, CUDA calls redirected to the CPU; world %d (TP=%d PP=%d DP=%d)",
+                        world_size, tensor_parallel, pipeline_parallel, data_parallel)
+    return info
+
+
+def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10):
+    """torch.distributed alone (no megatron groups); idempotent. Returns
+    (device, backend, rank, world_size)."""
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ValueError("parallel.backend=nccl needs CUDA; this host has none (use gloo or auto)")
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        from megatron_vlm.runtime import cpu_compat
+
+        cpu_compat.install()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return device, backend, rank, world_size
+
+
+def set_seed(seed: int) -> None:
+    """Seeds python, torch and megatron's model-parallel RNG tracker.
+
+    Each pipeline stage gets its own offset (as megatron does) so stages don't draw identical
+    dropout masks; tensor-parallel ranks share the default stream and differ in the tracker's.
+    """
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % (2**32))
+    torch.manual_seed(stage_seed)
+    mcore_tp.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def shutdown() -> None:
+    """Tears down megatron parallel state and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Forward step, train step (and later: schedules, loop, checkpointing)."""

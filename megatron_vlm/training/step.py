@@ -1,0 +1,124 @@
+"""One training step, top to bottom, on megatron-core's DDP, optimizer and schedules.
+
+``setup_training`` wraps the model in Megatron DDP and builds the (optionally distributed)
+optimizer; ``train_step`` runs megatron's forward/backward schedule (no pipelining or 1F1B,
+chosen by megatron from the pipeline size) over the micro-batches of one global batch, then the
+optimizer step. The loss is a per-token mean over the whole global batch: megatron sums token
+losses and counts, and normalizes gradients by the global token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+BATCH_TENSOR_KEYS = ("tokens", "labels", "loss_mask", "image_mask", "image_embeddings", "images")
+
+
+@dataclass
+class TrainState:
+    """The wrapped model, its optimizer and the step count."""
+
+    model: DistributedDataParallel
+    optimizer: object
+    step: int = 0
+
+
+def optimizer_config(cfg) -> OptimizerConfig:
+    t = cfg.train
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.params_dtype == "bf16",
+        params_dtype=torch.bfloat16 if t.params_dtype == "bf16" else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def setup_training(model, cfg) -> TrainState:
+    """Megatron DDP + optimizer around ``model``; wires megatron's grad hooks into its config."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    optimizer = get_megatron_optimizer(optimizer_config(cfg), [ddp_model])
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp_model.no_sync
+    return TrainState(model=ddp_model, optimizer=optimizer)
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Summed masked loss and its token count, as megatron's per-token-loss mode expects."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    """megatron forward-step function: one micro-batch through the VLM."""
+    batch = next(data_iterator)
+    output = model(
+        tokens=batch["tokens"],
+        labels=batch["labels"],
+        image_mask=batch.get("image_mask"),
+        image_embeddings=batch.get("image_embeddings"),
+        images=batch.get("images"),
+    )
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _mean_loss(losses_reduced: list) -> float:
+    """Per-token mean loss of the global batch, on every rank.
+
+    Only the last pipeline stage computes losses: it sums them over data-parallel ranks and
+    broadcasts the mean to the other stages.
+    """
+    total = torch.zeros(2, dtype=torch.float32)
+    if parallel_state.is_pipeline_last_stage():
+        total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(0)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_step(state: TrainState, batches: Iterator[dict], num_microbatches: int, cfg) -> dict:
+    """Forward/backward over ``num_microbatches`` micro-batches, then one optimizer step."""
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[state.model],
+        num_microbatches=num_microbatches,
+        seq_length=cfg.train.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = state.optimizer.step()
+    if not update_successful:
+        raise RuntimeError(f"optimizer step {state.step} failed (non-finite gradients?)")
+    state.step += 1
+    return {"loss": _mean_loss(losses), "grad_norm": float(grad_norm or 0.0)}

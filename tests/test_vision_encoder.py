@@ -1,0 +1,222 @@
+"""Tests of the vision encoder (open_clip image tower -> patch embeddings) on CPU."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import types
+
+import pytest
+import torch
+
+from megatron_vlm._compat.torchvision_shim import ensure_torchvision_importable
+from megatron_vlm.model.vision_encoder import (
+    SiglipPatchEncoder,
+    build_vision_encoder,
+    count_encoder_parameters,
+    load_vision_weights,
+)
+
+try:
+    from megatron_vlm.config import EncoderConfig
+except ImportError:  # config module not available: fall back to a plain namespace
+    EncoderConfig = None
+
+SO400M = "ViT-SO400M-14-SigLIP-384"
+TINY_VISION = dict(image_size=56, patch_size=14, width=32, layers=2, head_width=16)
+
+
+def encoder_cfg(**overrides):
+    """An encoder config: the project's EncoderConfig when importable, else a namespace."""
+    fields = dict(mode="online", embed_dim=32, num_image_tokens=16, open_clip_model="custom",
+                  custom_vision_cfg=dict(TINY_VISION), image_size=56, weights_path=None, frozen=True)
+    fields.update(overrides)
+    if EncoderConfig is not None:
+        return EncoderConfig(**fields)
+    return types.SimpleNamespace(**fields)
+
+
+def so400m_cfg(**overrides):
+    fields = dict(embed_dim=1152, num_image_tokens=729, open_clip_model=SO400M, custom_vision_cfg=None,
+                  image_size=384)
+    fields.update(overrides)
+    return encoder_cfg(**fields)
+
+
+def tiny_images(batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, 56, 56, generator=gen)
+
+
+def test_torchvision_importable_after_shim():
+    ensure_torchvision_importable()
+    ensure_torchvision_importable()  # idempotent
+    import torchvision.transforms as T
+
+    out = T.Resize((8, 8), antialias=True)(torch.rand(3, 16, 16))
+    assert out.shape == (3, 8, 8)
+
+
+def test_tiny_tower_output_shape():
+    torch.manual_seed(0)
+    enc = build_vision_encoder(encoder_cfg())
+    assert isinstance(enc, SiglipPatchEncoder)
+    out = enc(tiny_images(batch=3))
+    assert out.shape == (3, 16, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_so400m_parameter_count_on_meta_device():
+    import open_clip
+
+    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    count = count_encoder_parameters(so400m_cfg())
+    rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
+    assert count > 400_000_000
+    # Independent reference: the whole open_clip model built on the meta device.
+    with torch.device("meta"):
+        full = open_clip.create_model(SO400M, pretrained=None, device="meta")
+    assert all(p.is_meta for p in full.parameters())
+    assert count == sum(p.numel() for p in full.visual.parameters())
+    # 428M fp32 parameters would be about 1.6 GiB: nothing of that size was allocated.
+    assert rss_growth_mib < 400, f"counting grew peak RSS by {rss_growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("prefixed", [True, False], ids=["open_clip_full", "tower_only"])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_weights_round_trip(tmp_path, prefixed, fmt):
+    torch.manual_seed(1)
+    source = build_vision_encoder(encoder_cfg())
+    state = source.visual.state_dict()
+    if prefixed:
+        state = {f"visual.{k}": v for k, v in state.items()}
+        # Text-tower and contrastive-head entries of a full open_clip state dict are ignored.
+        state["text.token_embedding.weight"] = torch.randn(10, 4)
+        state["logit_scale"] = torch.tensor(1.0)
+    path = tmp_path / f"tower.{fmt}"
+    if fmt == "pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+    torch.manual_seed(2)  # a different random init, overwritten by the file
+    loaded = build_vision_encoder(encoder_cfg(weights_path=str(path)))
+    images = tiny_images()
+    assert torch.equal(source(images), loaded(images))
+    for (name_a, a), (name_b, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert name_a == name_b and torch.equal(a, b)
+    assert all(not p.is_meta for p in loaded.parameters())
+
+
+def test_load_into_existing_encoder(tmp_path):
+    torch.manual_seed(3)
+    source = build_vision_encoder(encoder_cfg())
+    path = tmp_path / "enc.pt"
+    torch.save(source.state_dict(), path)  # the encoder's own keys are open_clip's visual.* keys
+    torch.manual_seed(4)
+    target = build_vision_encoder(encoder_cfg())
+    load_vision_weights(target, str(path))
+    assert torch.equal(source(tiny_images()), target(tiny_images()))
+
+
+def test_missing_key_is_named(tmp_path):
+    state = build_vision_encoder(encoder_cfg()).visual.state_dict()
+    del state["conv1.weight"]
+    path = tmp_path / "missing.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        build_vision_encoder(encoder_cfg(weights_path=str(path)))
+    msg = str(err.value)
+    assert "missing keys" in msg and "conv1.weight" in msg and str(path) in msg
+
+
+def test_unexpected_key_is_named(tmp_path):
+    state = build_vision_encoder(encoder_cfg()).visual.state_dict()
+    state["transformer.resblocks.7.extra.weight"] = torch.zeros(3)
+    path = tmp_path / "unexpected.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        build_vision_encoder(encoder_cfg(weights_path=str(path)))
+    msg = str(err.value)
+    assert "unexpected keys" in msg and "transformer.resblocks.7.extra.weight" in msg and str(path) in msg
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    state = build_vision_encoder(encoder_cfg()).visual.state_dict()
+    state["positional_embedding"] = torch.zeros(5, 32)
+    path = tmp_path / "misshapen.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="positional_embedding"):
+        build_vision_encoder(encoder_cfg(weights_path=str(path)))
+
+
+def test_missing_weights_file_names_path(tmp_path):
+    path = tmp_path / "nowhere" / "siglip.safetensors"
+    with pytest.raises(FileNotFoundError, match="nowhere/siglip.safetensors"):
+        build_vision_encoder(encoder_cfg(weights_path=str(path)))
+
+
+def test_frozen_encoder_has_no_trainable_params_and_stays_in_eval(caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_vlm"):
+        enc = build_vision_encoder(encoder_cfg(frozen=True))
+    assert any("frozen" in r.getMessage() for r in caplog.records)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not any(m.training for m in enc.modules())
+    out = enc(tiny_images())
+    assert not out.requires_grad
+
+
+def test_trainable_encoder_gets_gradients(caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_vlm"):
+        enc = build_vision_encoder(encoder_cfg(frozen=False))
+    assert any("trainable" in r.getMessage() for r in caplog.records)
+    enc.train()
+    assert enc.training
+    out = enc(tiny_images())
+    out.square().mean().backward()
+    trainable = {n: p for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and "visual.conv1.weight" in trainable
+    for name, param in trainable.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # The pooled-output projection is not on the patch-token path: it never trains.
+    assert not enc.visual.proj.requires_grad
+
+
+def test_wrong_num_image_tokens_is_a_clear_error():
+    with pytest.raises(ValueError) as err:
+        build_vision_encoder(so400m_cfg(num_image_tokens=576))  # fails before allocating the tower
+    msg = str(err.value)
+    assert "num_image_tokens=576" in msg and "729" in msg and SO400M in msg
+
+
+def test_wrong_embed_dim_is_a_clear_error():
+    with pytest.raises(ValueError) as err:
+        build_vision_encoder(so400m_cfg(embed_dim=1024))
+    msg = str(err.value)
+    assert "embed_dim=1024" in msg and "1152" in msg
+
+
+def test_custom_tower_mismatch_checked_by_encoder_itself():
+    # A namespace skips the config's own cross-checks: the encoder still catches the mismatch.
+    cfg = types.SimpleNamespace(open_clip_model="custom", custom_vision_cfg=dict(TINY_VISION), embed_dim=32,
+                                num_image_tokens=20, image_size=56, weights_path=None, frozen=True)
+    with pytest.raises(ValueError, match=r"num_image_tokens=20 .*16 tokens"):
+        build_vision_encoder(cfg)
+
+
+def test_wrong_image_size_at_forward():
+    enc = build_vision_encoder(encoder_cfg())
+    with pytest.raises(ValueError, match="56x56"):
+        enc(torch.rand(1, 3, 64, 64))
+
+
+def test_unknown_custom_key_rejected():
+    cfg = types.SimpleNamespace(open_clip_model="custom", custom_vision_cfg=dict(TINY_VISION, depth=3),
+                                embed_dim=32, num_image_tokens=16, image_size=56, weights_path=None,
+                                frozen=True)
+    with pytest.raises(ValueError, match="depth"):
+        build_vision_encoder(cfg)
+
