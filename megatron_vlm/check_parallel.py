@@ -83,8 +83,10 @@ def _global_batches(cfg, steps: int) -> list[dict]:
 
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     dec, enc = cfg.model.decoder, cfg.model.encoder
+    image_size = enc.image_size if enc.mode == "online" else None
     return [random_batch(gen, cfg.train.global_batch_size, cfg.train.seq_length, dec.vocab_size,
-                         enc.num_image_tokens, enc.embed_dim) for _ in range(steps)]
+                         enc.num_image_tokens, enc.embed_dim, image_size=image_size)
+            for _ in range(steps)]
 
 
 def _my_microbatches(batch: dict, cfg) -> tuple[list[dict], int]:
@@ -140,7 +142,7 @@ class _Phase:
         def step(data_iterator, model):
             mb = next(data_iterator)
             out = model(tokens=mb["tokens"], image_mask=mb["image_mask"],
-                        image_embeddings=mb.get("image_embeddings"))
+                        image_embeddings=mb.get("image_embeddings"), images=mb.get("images"))
             return out, lambda output, non_loss_data=True: gather_from_tensor_model_parallel_region(output).detach()
 
         mbs, first_row = self.batch_share(batch, self.cfg)
@@ -169,7 +171,8 @@ class _Phase:
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
         if self.cfg.parallel.use_distributed_optimizer:
             _gather_reduce_scattered_grads(model)
-        grads = {name: p.main_grad.detach().clone() for name, p in self.model.named_parameters()}
+        grads = {name: p.main_grad.detach().clone()
+                 for name, p in self.model.named_parameters() if p.requires_grad}
         model.zero_grad_buffer()
         return grads
 
@@ -266,7 +269,8 @@ def run_check(cfg_base, tp: int, pp: int, dp: int | None, distributed_optimizer:
     # weights as a distributed checkpoint (the weights are reloaded right after).
     with torch.no_grad():
         for name, p in lay.model.named_parameters():
-            p.copy_(grads[name])
+            if name in grads:
+                p.copy_(grads[name])
     lay.save(grad_dir)
     lay.load(init_dir)
     lay_losses = lay.train(batches)
@@ -277,7 +281,7 @@ def run_check(cfg_base, tp: int, pp: int, dp: int | None, distributed_optimizer:
     # Phase 3: back at TP=PP=1, read the layout's gradients and final weights.
     back = _Phase(ref_cfg, _whole_batch)
     back.load(grad_dir)
-    grads_back = {n: p.detach().clone() for n, p in back.model.named_parameters()}
+    grads_back = {n: p.detach().clone() for n, p in back.model.named_parameters() if n in ref_grads}
     back.load(final_dir)
     params_back = {n: p.detach().clone() for n, p in back.model.named_parameters()}
     reload_logits = back.logits(batches[0])

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     bar = tqdm(range(train.train_iters), desc="train", disable=rank != 0, file=sys.stdout)
     for step in bar:
         batch = random_batch(gen, train.global_batch_size, train.seq_length, dec.vocab_size,
-                             enc.num_image_tokens, enc.embed_dim)
+                             enc.num_image_tokens, enc.embed_dim,
+                             image_size=enc.image_size if enc.mode == "online" else None)
         mine = split_microbatches(slice_rows(batch, dp_rank * rows, (dp_rank + 1) * rows),
                                   train.micro_batch_size)
         metrics = train_step(state, iter(mine), len(mine), cfg)

@@ -10,6 +10,9 @@ LAYOUTS = {
     "pp2": ["--pp", "2"],
     "dp2": ["--dp", "2"],
     "dp2_distributed_optimizer": ["--dp", "2", "--distributed-optimizer"],
+    # The unfrozen-encoder ablation: SigLIP tower in the graph, replicated over TP ranks.
+    "tp2_online_trainable_encoder": ["--tp", "2", "model.encoder.mode=online",
+                                     "model.encoder.frozen=false"],
 }
 
 
@@ -23,7 +26,10 @@ def test_layout_matches_single_process(name):
     # saved at the layout and loaded at TP=PP=1: all within 1e-5 in fp32.
     for key in ("logits", "grads", "loss", "reload_logits"):
         assert result[key] <= 1e-5, (key, result[key])
-    assert result["params"] <= 1e-4
+    # After Adam steps: a TP split changes the order of matmul reductions, which Adam's
+    # per-weight normalization amplifies for weights with near-zero gradients; DP and PP
+    # change nothing but the gradient all-reduce.
+    assert result["params"] <= (1e-4 if name.startswith("tp") else 1e-5)
     losses = result["layout_losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert all(abs(a - b) <= 1e-5 for a, b in zip(losses, result["reference_losses"]))

@@ -33,12 +33,14 @@ def split_microbatches(batch: dict, micro_batch_size: int) -> list[dict]:
 
 
 def random_batch(generator: torch.Generator, rows: int, seq_length: int, vocab_size: int,
-                 num_image_tokens: int, embed_dim: int, image_every: int = 2) -> dict:
+                 num_image_tokens: int, embed_dim: int, image_every: int = 2,
+                 image_size: int | None = None) -> dict:
     """A learnable random batch: every ``image_every``-th row starts with an image.
 
     Text follows a fixed affine recurrence modulo the vocabulary from a random start, and the
     first caption token after an image is a function of the image, so a model can lower its
-    loss on both. Image positions carry no loss, as in caption samples.
+    loss on both. Image positions carry no loss, as in caption samples. With ``image_size`` the
+    batch holds raw ``images`` (for an online encoder) instead of ``image_embeddings``.
     """
     starts = torch.randint(0, vocab_size, (rows, 1), generator=generator)
     steps = torch.arange(seq_length + 1).unsqueeze(0)
@@ -47,10 +49,14 @@ def random_batch(generator: torch.Generator, rows: int, seq_length: int, vocab_s
     loss_mask = torch.ones(rows, seq_length)
     image_mask = torch.zeros(rows, seq_length, dtype=torch.bool)
     image_rows = [r for r in range(rows) if r % image_every == 0]
-    embeddings = torch.randn(len(image_rows), num_image_tokens, embed_dim, generator=generator)
+    if image_size is None:
+        pixels = torch.randn(len(image_rows), num_image_tokens, embed_dim, generator=generator)
+    else:
+        pixels = torch.rand(len(image_rows), 3, image_size, image_size, generator=generator)
     for i, r in enumerate(image_rows):
         image_mask[r, :num_image_tokens] = True
         loss_mask[r, : num_image_tokens - 1] = 0.0
-        labels[r, num_image_tokens - 1] = int(embeddings[i, 0, 0] > 0) + 1
+        labels[r, num_image_tokens - 1] = int(pixels[i].flatten()[0] > pixels[i].mean()) + 1
+    key = "image_embeddings" if image_size is None else "images"
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-            "image_mask": image_mask, "image_embeddings": embeddings}
+            "image_mask": image_mask, key: pixels}
