@@ -16,7 +16,8 @@ prints and compares, each against ``--tolerance``:
   layout's own final logits.
 
 Exits with status 1 when any difference is above tolerance. On a host without CUDA it runs on
-the CPU over gloo with the same megatron-core code.
+the CPU over gloo with the same megatron-core code. The reference layout holds the whole model
+on one device, so pick a recipe that fits one (the default, ``tiny``, fits anywhere).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ CHECKS = ("logits", "grads", "loss", "params", "reload_logits")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_vlm.config import format_help
+
     parser = argparse.ArgumentParser(
         prog="python -m megatron_vlm.check_parallel",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Checks: " + ", ".join(CHECKS),
+        epilog="Checks: " + ", ".join(CHECKS) + "\n\n" + format_help(),
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check")

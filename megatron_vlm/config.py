@@ -54,13 +54,15 @@ class _Section:
         self.validate()
 
     def validate(self) -> None:
-        """Coerce field values to their declared types, then run the section's checks."""
+        """Coerce field values to their declared types, validate child sections (so a change
+        made after construction is checked too), then run the section's own checks."""
         hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
             value, tp = getattr(self, f.name), hints[f.name]
             if _is_section(tp):
                 if not isinstance(value, tp):
                     raise ValueError(f"{self._key(f.name)} must be a {tp.__name__}, got {value!r}")
+                value.validate()
             else:
                 setattr(self, f.name, _coerce(value, tp, self._key(f.name)))
         self._check()
@@ -217,10 +219,6 @@ class ModelConfig(_Section):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Vision encoder."""
 
-    def _check(self) -> None:
-        for section in (self.decoder, self.projector, self.encoder):
-            section.validate()
-
 
 @dataclass
 class ParallelConfig(_Section):
@@ -318,8 +316,6 @@ class RunConfig(_Section):
     """Training settings."""
 
     def _check(self) -> None:
-        for section in (self.model, self.parallel, self.train):
-            section.validate()
         if not self.name:
             self._fail("name", "must not be empty")
         decoder = self.model.decoder

@@ -5,20 +5,22 @@ import pytest
 
 from distributed import last_json, torchrun
 
-LAYOUTS = {
-    "tp2": ["--tp", "2"],
-    "pp2": ["--pp", "2"],
-    "dp2": ["--dp", "2"],
-    "dp2_distributed_optimizer": ["--dp", "2", "--distributed-optimizer"],
+LAYOUTS = {  # name: (ranks, arguments)
+    "tp2": (2, ["--tp", "2"]),
+    "pp2": (2, ["--pp", "2"]),
+    "dp2": (2, ["--dp", "2"]),
+    "dp2_distributed_optimizer": (2, ["--dp", "2", "--distributed-optimizer"]),
+    "tp2_pp2": (4, ["--tp", "2", "--pp", "2"]),
     # The unfrozen-encoder ablation: SigLIP tower in the graph, replicated over TP ranks.
-    "tp2_online_trainable_encoder": ["--tp", "2", "model.encoder.mode=online",
-                                     "model.encoder.frozen=false"],
+    "tp2_online_trainable_encoder": (2, ["--tp", "2", "model.encoder.mode=online",
+                                         "model.encoder.frozen=false"]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name):
-    proc = torchrun("megatron_vlm.check_parallel", LAYOUTS[name] + ["--json"], nproc=2)
+    ranks, args = LAYOUTS[name]
+    proc = torchrun("megatron_vlm.check_parallel", args + ["--json"], nproc=ranks)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = last_json(proc.stdout)
     assert result["failed"] == []
