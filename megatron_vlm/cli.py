@@ -25,3 +25,24 @@ def run_main(main: Callable[[], int], prog: str) -> None:
             pass
         sys.exit(2)
     sys.exit(status)
+
+
+def add_tokenizer_args(parser) -> None:
+    """``--tokenizer`` (required) and ``--eos-token``, as every tokenizing tool takes them."""
+    parser.add_argument("--tokenizer", required=True, metavar="PATH",
+                        help="a local Hugging Face tokenizers 'tokenizer.json' or a sentencepiece "
+                             "'.model' file")
+    parser.add_argument("--eos-token", default=None, metavar="TOKEN",
+                        help="end-of-document token (default: <|endoftext|> or </s> for "
+                             "tokenizer.json, the model's eos for sentencepiece)")
+
+
+def add_progress_arg(parser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def log_summary(log, prog: str, summary) -> None:
+    """The summary a tool prints at the end (``summary.lines()``), one log line each."""
+    log.info("%s summary:", prog)
+    for line in summary.lines():
+        log.info("  %s", line)

@@ -40,6 +40,9 @@ PARAMS_DTYPES = ("fp32", "bf16")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 BACKENDS = ("auto", "nccl", "gloo")
 RECIPES_PACKAGE = "megatron_vlm.recipes"
+DATA_KINDS = ("random", "blend")
+DATA_SOURCES = ("text", "captions", "instructions")
+CAPTION_FILLS = ("pad",)
 
 
 class _Section:
@@ -298,6 +301,73 @@ class TrainConfig(_Section):
                                             f"{self.micro_batch_size}")
 
 
+@dataclass
+class DataConfig(_Section):
+    """Training data: shard locations, the token-ratio blend and the loader."""
+
+    _PATH = "data"
+
+    kind: str = "random"
+    """'random': deterministic random batches (smoke runs, no files needed); 'blend': shards
+    mixed by data.ratios through the exact blend index (docs/blend.md)."""
+    tokenizer: Optional[str] = None
+    """Local tokenizer.json or sentencepiece .model the shards were made with (checks the
+    vocabulary against model.decoder.vocab_size and gives the EOS and separator ids)."""
+    separator_token: str = "<|sep|>"
+    """Token between image and caption, and after every question and response."""
+    text: Optional[str] = None
+    """Text shards: the output prefix given to tools/preprocess_text.py."""
+    captions: Optional[str] = None
+    """Caption shards: an image-embedding directory written with captions."""
+    instructions: Optional[str] = None
+    """Instruction shards: a directory written by tools/preprocess_llava.py."""
+    instruction_images: Optional[str] = None
+    """Image-embedding directory holding the instruction images (keys = image paths)."""
+    ratios: dict = field(default_factory=dict)
+    """Target share of training tokens per source, e.g. {text: 0.9, captions: 0.1}; sums to 1."""
+    total_tokens: Optional[int] = None
+    """Token budget of the blend; null means train.train_iters global batches."""
+    caption_fill: str = "pad"
+    """What fills a caption sequence after its EOS: 'pad' (no loss; the whole sequence counts
+    toward the caption source)."""
+    seed: int = 1234
+    """Seed of the blend index and of per-source shuffling."""
+    num_workers: int = 2
+    """Background loader processes per rank (0 loads in the training process)."""
+    cache_dir: Optional[str] = None
+    """Where blend indices are cached; null means OUTPUT_DIR/blend_cache."""
+    max_skips: int = 0
+    """Records allowed to be skipped (e.g. an instruction whose image has no embedding) before
+    the loader stops with an error; skips are counted and listed."""
+
+    def _check(self) -> None:
+        self._check_choice("kind", DATA_KINDS)
+        self._check_choice("caption_fill", CAPTION_FILLS)
+        for name in ("num_workers", "max_skips", "seed"):
+            if getattr(self, name) < 0:
+                self._fail(name, "must not be negative")
+        self._check_positive("total_tokens")
+        if self.kind != "blend":
+            return
+        if not self.ratios:
+            self._fail("ratios", "must name at least one source when data.kind is 'blend'")
+        for name, fraction in self.ratios.items():
+            if name not in DATA_SOURCES:
+                raise ValueError(f"data.ratios names unknown source {name!r}; sources are "
+                                 f"{', '.join(DATA_SOURCES)}")
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or fraction <= 0:
+                raise ValueError(f"data.ratios.{name}={fraction!r} must be a positive number")
+            if getattr(self, name) is None:
+                raise ValueError(f"data.ratios gives {name} a share but data.{name} is not set")
+        total = sum(self.ratios.values())
+        if abs(total - 1.0) > 1e-6:
+            self._fail("ratios", f"sum to {total:.6g}, not 1")
+        if "instructions" in self.ratios and self.instruction_images is None:
+            self._fail("instruction_images", "must be set when data.ratios includes instructions")
+        if self.tokenizer is None:
+            self._fail("tokenizer", "must be set when data.kind is 'blend'")
+
+
 @dataclass(kw_only=True)  # keyword-only: `model` has no default but follows fields that do
 class RunConfig(_Section):
     """A whole run: model, parallel layout and training settings."""
@@ -314,6 +384,8 @@ class RunConfig(_Section):
     """Parallel layout."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training settings."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
 
     def _check(self) -> None:
         if not self.name:
@@ -432,7 +504,12 @@ def format_help(cfg_cls: type = RunConfig) -> str:
         if _is_section(tp):
             lines += ["", f"{key}: {doc}"]
             continue
-        default = json.dumps(f.default) if _has_default(f) else "required"
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(f.default_factory())
+        else:
+            default = "required"
         lines.append(f"  {key}  ({f.type}, {default})")
         lines += textwrap.wrap(doc, width=92, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)

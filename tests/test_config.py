@@ -253,4 +253,4 @@ def test_non_default_values():
     assert values["model.encoder.num_image_tokens"] == 16
     assert "train.lr" not in values  # equals the default again
     assert "name" not in values and "model.projector.type" not in values
-    assert values["train.train_iters"] == 20
+    assert values["train.train_iters"] == 30

@@ -1,6 +1,6 @@
 """megatron-core layer specs for the DCLM/OpenLM decoder block.
 
-The block (REFERENCE.md section 3): pre-norm with gain-only LayerNorm (eps 1e-5), fused QKV
+The block: pre-norm with gain-only LayerNorm (eps 1e-5), fused QKV
 without bias, qk-norm as a gain-only LayerNorm over the *whole* Q and K width (not per head),
 NeoX rotary, SwiGLU MLP without bias, untied embeddings.
 

@@ -20,8 +20,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-BATCH_TENSOR_KEYS = ("tokens", "labels", "loss_mask", "image_mask", "image_embeddings", "images")
-
+from megatron_vlm.config import DATA_SOURCES as SOURCE_ORDER
 
 @dataclass
 class TrainState:
@@ -65,13 +64,21 @@ def setup_training(model, cfg) -> TrainState:
     return TrainState(model=ddp_model, optimizer=optimizer)
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Summed masked loss and its token count, as megatron's per-token-loss mode expects."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+def loss_func(loss_mask: torch.Tensor, source_ids: torch.Tensor | None,
+              per_token_loss: torch.Tensor):
+    """Summed masked loss and its token count, as megatron's per-token-loss mode expects,
+    plus [loss sum, tokens] per data source (row ``i`` = ``SOURCE_ORDER[i]``; all rows of
+    batches without ``source_ids`` count as the first) for the per-source log."""
+    mask = loss_mask.float()
+    token_loss = per_token_loss.float() * mask
+    loss_sum = token_loss.sum()
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    if source_ids is None:
+        source_ids = torch.zeros(mask.shape[0], dtype=torch.long)
+    per_source = torch.zeros(len(SOURCE_ORDER), 2)
+    per_source.index_add_(0, source_ids.long(),
+                          torch.stack([token_loss.sum(1), mask.sum(1)], dim=1).detach())
+    return loss_sum, num_tokens, {"loss by source": per_source}
 
 
 def forward_step(data_iterator: Iterator[dict], model):
@@ -84,24 +91,29 @@ def forward_step(data_iterator: Iterator[dict], model):
         image_embeddings=batch.get("image_embeddings"),
         images=batch.get("images"),
     )
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], batch.get("source_ids"))
 
 
-def _mean_loss(losses_reduced: list) -> float:
-    """Per-token mean loss of the global batch, on every rank.
+def _reduce_losses(losses_reduced: list) -> dict:
+    """Per-token mean loss of the global batch, overall and per source, on every rank.
 
     Only the last pipeline stage computes losses: it sums them over data-parallel ranks and
-    broadcasts the mean to the other stages.
+    broadcasts them to the other stages.
     """
-    total = torch.zeros(2, dtype=torch.float32)
+    total = torch.zeros(len(SOURCE_ORDER), 2)
     if parallel_state.is_pipeline_last_stage():
-        total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(0)
+        total = torch.stack([d["loss by source"] for d in losses_reduced]).sum(0)
         if parallel_state.get_data_parallel_world_size() > 1:
             torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    overall = total.sum(0)
+    out = {"loss": (overall[0] / overall[1].clamp(min=1)).item()}
+    for name, (loss, tokens) in zip(SOURCE_ORDER, total.tolist()):
+        if tokens > 0:
+            out[f"loss/{name}"] = loss / tokens
+    return out
 
 
 def train_step(state: TrainState, batches: Iterator[dict], num_microbatches: int, cfg) -> dict:
@@ -121,4 +133,4 @@ def train_step(state: TrainState, batches: Iterator[dict], num_microbatches: int
     if not update_successful:
         raise RuntimeError(f"optimizer step {state.step} failed (non-finite gradients?)")
     state.step += 1
-    return {"loss": _mean_loss(losses), "grad_norm": float(grad_norm or 0.0)}
+    return {**_reduce_losses(losses), "grad_norm": float(grad_norm or 0.0)}

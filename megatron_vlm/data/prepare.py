@@ -1,0 +1,106 @@
+"""Runs the data tools end to end on ShapesWorld: raw files -> shards a blend can train on.
+
+The quickstart and the end-to-end test use it; every step runs the real command-line tool as a
+user would (and prints the command), so what works here works on real data:
+
+1. ``tools/make_synthetic_data.py``: ShapesWorld raw files (webdataset caption shards, a LLaVA
+   JSON with images, a text corpus, a tokenizer, evaluation files);
+2. ``tools/preprocess_text.py``: the corpus to megatron IndexedDataset shards;
+3. ``tools/precompute_image_embeddings.py``: caption images to caption shards (the recipe's
+   frozen encoder);
+4. ``tools/preprocess_llava.py``: conversations to instruction shards (+ images.txt);
+5. ``tools/precompute_image_embeddings.py``: the conversations' images to embedding shards.
+
+Each tool resumes, so running the pipeline again on a finished directory redoes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SEPARATOR = "<|sep|>"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Where the prepared shards are (the ``data.*`` config values)."""
+
+    raw: Path
+    tokenizer: Path
+    text: Path
+    captions: Path
+    instructions: Path
+    instruction_images: Path
+
+    def overrides(self) -> list[str]:
+        """``key=value`` overrides pointing a config at these shards."""
+        return [f"data.tokenizer={self.tokenizer}", f"data.text={self.text}",
+                f"data.captions={self.captions}", f"data.instructions={self.instructions}",
+                f"data.instruction_images={self.instruction_images}",
+                f"data.separator_token={SEPARATOR}"]
+
+
+def _run(tool: str, args: list[str], quiet: bool) -> None:
+    cmd = [sys.executable, str(REPO / "tools" / tool), *args]
+    if not quiet:
+        print("$ " + " ".join(shlex.quote(c) for c in [f"tools/{tool}", *args]), flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(cmd, env=env, text=True,
+                          stdout=subprocess.PIPE if quiet else None,
+                          stderr=subprocess.STDOUT if quiet else None)
+    if proc.returncode:
+        raise RuntimeError(f"tools/{tool} failed with status {proc.returncode}"
+                           + (f":\n{proc.stdout[-3000:]}" if quiet else ""))
+
+
+def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides=(),
+                        images: int = 192, text_docs: int = 1500, seed: int = 0,
+                        quiet: bool = False) -> PreparedData:
+    """Makes ShapesWorld under ``root/raw`` and its shards under ``root/shards``.
+
+    ``recipe`` and ``overrides`` choose the frozen encoder (``model.encoder``) that embeds the
+    images and the sequence length used in preprocessing summaries; its weights are random
+    unless ``model.encoder.weights_path`` is given.
+    """
+    from megatron_vlm.config import load_config
+
+    cfg = load_config(recipe, list(overrides))
+    enc = cfg.model.encoder
+    root = Path(root)
+    raw, shards = root / "raw", root / "shards"
+    tokenizer = raw / "tokenizer" / "tokenizer.json"
+    progress = ["--no-progress"] if quiet else []
+    encoder_args = ["--recipe", recipe, *overrides]
+    if enc.weights_path is None:
+        encoder_args.append("--allow-random-weights")
+
+    _run("make_synthetic_data.py", ["--out", str(raw), "--seed", str(seed), "--images",
+                                    str(images), "--size", str(enc.image_size), "--text-docs",
+                                    str(text_docs), "--llava-max-turns", "2", *progress], quiet)
+    _run("preprocess_text.py", ["--input", str(raw / "text" / "corpus.jsonl"), "--tokenizer",
+                                str(tokenizer), "--output-prefix", str(shards / "text" / "corpus"),
+                                *progress], quiet)
+    _run("precompute_image_embeddings.py", [*encoder_args, "--tar", str(raw / "captions"),
+                                            "--tokenizer", str(tokenizer), "--output",
+                                            str(shards / "captions"), *progress], quiet)
+    _run("preprocess_llava.py", ["--input", str(raw / "llava" / "llava_instruct.json"),
+                                 "--image-root", str(raw / "llava" / "images"), "--tokenizer",
+                                 str(tokenizer), "--output-dir", str(shards / "instructions"),
+                                 "--separator-token", SEPARATOR, "--seq-length",
+                                 str(cfg.train.seq_length), "--num-image-tokens",
+                                 str(enc.num_image_tokens), *progress], quiet)
+    _run("precompute_image_embeddings.py", [*encoder_args, "--image-folder",
+                                            str(raw / "llava" / "images"), "--image-list",
+                                            str(shards / "instructions" / "images.txt"),
+                                            "--output", str(shards / "instruction_images"),
+                                            *progress], quiet)
+    return PreparedData(raw=raw, tokenizer=tokenizer, text=shards / "text" / "corpus",
+                        captions=shards / "captions", instructions=shards / "instructions",
+                        instruction_images=shards / "instruction_images")

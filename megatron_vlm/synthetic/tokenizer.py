@@ -1,0 +1,52 @@
+"""Trains the ShapesWorld tokenizers on the generated text.
+
+``tokenizer.json``: a byte-level BPE (Hugging Face ``tokenizers``) whose id 0 is
+``<|endoftext|>`` (the end-of-document token, as in GPT-NeoX) and id 1 is ``<|sep|>`` (the
+separator between an image and its caption, and after every conversation turn). No BOS is
+added and no post-processing is applied, so ``decode(encode(text)) == text`` for any text.
+
+``tokenizer.model`` (optional): a sentencepiece BPE of the same vocabulary size with the same
+two special pieces at ids 0 and 1 (``<unk>`` at 2) and byte fallback, also lossless.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+SEP = "<|sep|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 512) -> str:
+    """Returns the JSON of a trained byte-level BPE tokenizer (ids: EOS 0, SEP 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258 + 16:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE "
+                         f"(256 bytes + 2 special tokens + merges); use at least 274")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, SEP],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.token_to_id(EOS) != 0 or tok.token_to_id(SEP) != 1:
+        raise RuntimeError("special tokens did not get ids 0 and 1")
+    return tok.to_str(pretty=True)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int = 512) -> bytes:
+    """Returns a serialized sentencepiece BPE model (ids: EOS 0, SEP 1, unk 2; no BOS)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True,
+        eos_id=0, eos_piece=EOS, user_defined_symbols=[SEP], unk_id=2, bos_id=-1, pad_id=-1,
+        num_threads=1, minloglevel=2, max_sentence_length=1 << 16)
+    return buf.getvalue()

@@ -1,0 +1,253 @@
+"""Tokenizer loading and tools/preprocess_text.py: JSONL and parquet to IndexedDataset shards,
+malformed records, resume with byte-identical shards, worker pool, command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_vlm.data.formats import (
+    open_text_dataset,
+    preprocess_text,
+    text_manifest_path,
+    text_shard_prefixes,
+)
+from megatron_vlm.data.tokenizer import load_tokenizer
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a red circle is left of a blue square",
+    "two green triangles sit above one yellow star",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+    "numbers like 12 and 345 appear here too",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 20, trainer)
+    tok.add_special_tokens(["<|pad|>"])  # an added token counts toward vocab_size
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 20) + "\n")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=80,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    return str(d / "sp.model")
+
+
+def _docs(n: int) -> list[str]:
+    return [f"{SENTENCES[i % len(SENTENCES)]} {i}" * (1 + i % 3) for i in range(n)]
+
+
+def _write_jsonl(path, texts, field="text") -> str:
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({field: t, "id": 1}) + "\n")
+    return str(path)
+
+
+def _shard_bytes(prefix: str) -> dict[str, bytes]:
+    out = {}
+    for p in text_shard_prefixes(prefix):
+        for ext in (".bin", ".idx"):
+            out[os.path.basename(p) + ext] = open(p + ext, "rb").read()
+    return out
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+
+def test_hf_tokenizer(hf_tokenizer):
+    tok = load_tokenizer(hf_tokenizer)
+    assert tok.kind == "hf" and tok.eos_id == 0 and tok.token_to_id("<|endoftext|>") == 0
+    assert tok.vocab_size == tok.token_to_id("<|pad|>") + 1
+    ids = tok.encode("the quick brown fox")
+    assert ids and 0 not in ids  # no BOS / EOS added
+    assert tok.decode(ids) == "the quick brown fox"
+    assert tok.encode_batch(["a red", "hello"]) == [tok.encode("a red"), tok.encode("hello")]
+    assert tok.token_to_id("definitely-not-a-token") is None
+    # a directory holding tokenizer.json is accepted too
+    assert load_tokenizer(os.path.dirname(hf_tokenizer)).eos_id == 0
+
+
+def test_sentencepiece_tokenizer(sp_model):
+    import sentencepiece as spm
+
+    tok = load_tokenizer(sp_model)
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    assert tok.kind == "sentencepiece" and tok.eos_id == sp.eos_id() == tok.token_to_id("</s>")
+    assert tok.vocab_size == sp.get_piece_size()
+    ids = tok.encode("a red circle")
+    assert ids and sp.bos_id() not in ids and tok.eos_id not in ids
+    assert tok.decode(ids) == "a red circle"
+    assert tok.token_to_id("no-such-piece") is None
+
+
+def test_tokenizer_errors(tmp_path, hf_tokenizer):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match="unsupported tokenizer file"):
+        load_tokenizer(bad)
+    with pytest.raises(ValueError, match="no end-of-document token"):
+        load_tokenizer(hf_tokenizer, eos_token="<nope>")
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        load_tokenizer(garbage)
+
+
+# ---- preprocess_text -------------------------------------------------------------------------
+
+def test_jsonl_and_parquet_end_to_end(tmp_path, hf_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = _docs(23)
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", texts[:10])
+    _write_jsonl(src / "b.jsonl", texts[10:])
+    summary = preprocess_text([str(src)], hf_tokenizer, str(tmp_path / "out" / "corpus"),
+                              docs_per_shard=5, progress=False)
+    tok = load_tokenizer(hf_tokenizer)
+    assert (summary.documents, summary.shards, summary.skipped) == (23, 5, 0)
+    prefixes = text_shard_prefixes(str(tmp_path / "out" / "corpus"))
+    assert [os.path.basename(p) for p in prefixes] == [f"corpus_{k:05d}" for k in range(5)]
+    got = []
+    for p in prefixes:
+        ds = open_text_dataset(p)
+        # copies: megatron's arrays are views into a map that closes with the dataset
+        got.extend(np.array(ds[i]) for i in range(len(ds)))
+    assert [len(open_text_dataset(p)) for p in prefixes] == [5, 5, 5, 5, 3]
+    assert len(got) == 23
+    for text, doc in zip(texts, got):
+        assert doc.dtype == np.int32 and doc.tolist() == tok.encode(text) + [tok.eos_id]
+    assert summary.tokens == sum(len(d) for d in got) and summary.tokens_per_second > 0
+    assert "documents: 23" in summary.lines()
+
+    # the same documents from parquet (one file per column chunk order) give identical shards
+    pq.write_table(pa.table({"text": texts, "n": list(range(23))}), tmp_path / "all.parquet",
+                   row_group_size=7)
+    preprocess_text([str(tmp_path / "all.parquet")], hf_tokenizer, str(tmp_path / "pq" / "corpus"),
+                    docs_per_shard=5, progress=False)
+    assert _shard_bytes(str(tmp_path / "pq" / "corpus")) == _shard_bytes(str(tmp_path / "out" / "corpus"))
+    with pytest.raises(ValueError, match="all.parquet.*no column 'body'"):
+        preprocess_text([str(tmp_path / "all.parquet")], hf_tokenizer, str(tmp_path / "x" / "c"),
+                        field="body", progress=False)
+
+
+def test_sentencepiece_and_custom_field(tmp_path, sp_model):
+    texts = _docs(4)
+    _write_jsonl(tmp_path / "a.jsonl", texts, field="content")
+    preprocess_text([str(tmp_path / "a.jsonl")], sp_model, str(tmp_path / "o"), field="content",
+                    progress=False)
+    tok = load_tokenizer(sp_model)
+    ds = open_text_dataset(text_shard_prefixes(str(tmp_path / "o"))[0])
+    assert [ds[i].tolist() for i in range(4)] == [tok.encode(t) + [tok.eos_id] for t in texts]
+
+
+def test_malformed_records_are_counted_then_fatal(tmp_path, hf_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"text": "fine"}), "{not json", "", json.dumps({"body": "x"}),
+             json.dumps({"text": 5}), json.dumps({"text": "also fine"})]
+    path.write_text("\n".join(lines) + "\n")
+    summary = preprocess_text([str(path)], hf_tokenizer, str(tmp_path / "o"), max_skips=3,
+                              progress=False)
+    assert summary.documents == 2 and summary.skipped == 3
+    assert summary.skipped_records[0].startswith(f"{path}:2: invalid JSON")
+    assert summary.skipped_records[1] == f"{path}:4: missing field 'text'"
+    assert summary.skipped_records[2] == f"{path}:5: field 'text' is int, not a string"
+    assert any(f"{path}:4" in line for line in summary.lines())
+    with pytest.raises(ValueError, match=rf"{path}:4: missing field 'text' \(field 'text'\); "
+                                         r"more than --max-skips=1"):
+        preprocess_text([str(path)], hf_tokenizer, str(tmp_path / "o2"), max_skips=1,
+                        progress=False)
+    assert not list(tmp_path.glob("o2_*.tmp"))
+
+
+def test_resume_writes_identical_shards(tmp_path, hf_tokenizer):
+    src = _write_jsonl(tmp_path / "c.jsonl", _docs(40))
+    ref = str(tmp_path / "ref" / "t")
+    preprocess_text([src], hf_tokenizer, ref, docs_per_shard=9, progress=False)
+    reference = _shard_bytes(ref)
+    assert len(reference) == 10
+
+    # interrupted after the first shard, then resumed
+    out = str(tmp_path / "run" / "t")
+    first = preprocess_text([src], hf_tokenizer, out, docs_per_shard=9, progress=False,
+                            stop_after_shards=1)
+    assert first.stopped_early and first.shards_written == 1 and first.documents == 9
+    assert not json.load(open(text_manifest_path(out)))["complete"]
+    # a crash leaves temp files behind; they are cleaned up
+    open(out + "_00001.bin.tmp", "wb").write(b"partial")
+    second = preprocess_text([src], hf_tokenizer, out, docs_per_shard=9, progress=False)
+    assert (second.shards_reused, second.shards_written, second.documents) == (1, 4, 40)
+    assert _shard_bytes(out) == reference
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+    # a deleted last shard and a corrupted one are rewritten; the others are kept
+    os.remove(out + "_00004.bin")
+    with open(out + "_00002.idx", "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff")
+    third = preprocess_text([src], hf_tokenizer, out, docs_per_shard=9, progress=False)
+    assert (third.shards_reused, third.shards_written) == (3, 2)
+    assert _shard_bytes(out) == reference
+
+    # different settings are refused unless --overwrite
+    with pytest.raises(ValueError, match="different settings.*docs_per_shard"):
+        preprocess_text([src], hf_tokenizer, out, docs_per_shard=10, progress=False)
+    fourth = preprocess_text([src], hf_tokenizer, out, docs_per_shard=10, progress=False,
+                             overwrite=True)
+    assert fourth.shards == 4 and not os.path.exists(out + "_00004.bin")
+
+
+def test_worker_pool_gives_same_bytes(tmp_path, hf_tokenizer):
+    src = _write_jsonl(tmp_path / "c.jsonl", _docs(30))
+    preprocess_text([src], hf_tokenizer, str(tmp_path / "one" / "t"), docs_per_shard=7,
+                    chunk_size=4, progress=False)
+    preprocess_text([src], hf_tokenizer, str(tmp_path / "two" / "t"), docs_per_shard=7,
+                    chunk_size=4, workers=2, progress=False)
+    assert _shard_bytes(str(tmp_path / "two" / "t")) == _shard_bytes(str(tmp_path / "one" / "t"))
+
+
+def test_command_line(tmp_path, hf_tokenizer, repo_root):
+    tool = str(repo_root / "tools" / "preprocess_text.py")
+    out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--docs-per-shard" in out.stdout and "--max-skips" in out.stdout
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n{oops\n")
+    cmd = [sys.executable, tool, "--input", str(src), "--tokenizer", hf_tokenizer,
+           "--output-prefix", str(tmp_path / "o" / "t"), "--no-progress"]
+    run = subprocess.run(cmd + ["--max-skips", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for words in ("documents: 1", "skipped: 1", f"{src}:2: invalid JSON", "tokens/s"):
+        assert words in run.stderr
+    fail = subprocess.run(cmd, capture_output=True, text=True)
+    assert fail.returncode == 2
+    assert f"preprocess_text: error: {src}:2: invalid JSON" in fail.stderr
+    missing = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")] + cmd[4:],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "input not found" in missing.stderr
