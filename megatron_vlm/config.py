@@ -42,7 +42,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 RECIPES_PACKAGE = "megatron_vlm.recipes"
 DATA_KINDS = ("random", "blend")
 DATA_SOURCES = ("text", "captions", "instructions")
-CAPTION_FILLS = ("pad",)
+CAPTION_FILLS = ("pad", "text")
 
 
 class _Section:
@@ -328,8 +328,9 @@ class DataConfig(_Section):
     total_tokens: Optional[int] = None
     """Token budget of the blend; null means train.train_iters global batches."""
     caption_fill: str = "pad"
-    """What fills a caption sequence after its EOS: 'pad' (no loss; the whole sequence counts
-    toward the caption source)."""
+    """What fills a caption sequence after its EOS: 'pad' (no loss; padding counts for no
+    source) or 'text' (documents from data.text packed in, loss on them, attention kept inside
+    each document; the whole caption sequence then counts toward the caption source)."""
     seed: int = 1234
     """Seed of the blend index and of per-source shuffling."""
     num_workers: int = 2
@@ -366,6 +367,8 @@ class DataConfig(_Section):
             self._fail("instruction_images", "must be set when data.ratios includes instructions")
         if self.tokenizer is None:
             self._fail("tokenizer", "must be set when data.kind is 'blend'")
+        if self.caption_fill == "text" and self.text is None:
+            self._fail("caption_fill", "needs data.text (the documents that fill captions)")
 
 
 @dataclass(kw_only=True)  # keyword-only: `model` has no default but follows fields that do

@@ -18,3 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def repo_root() -> Path:
     """The repository root (the directory holding pyproject.toml)."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """megatron parallel state for one process (TP=PP=DP=1), torn down after the module."""
+    from distributed import free_port
+    from megatron_vlm.runtime import initialize, shutdown
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    info = initialize(1, 1, seed=7)
+    yield info
+    shutdown()

@@ -2,8 +2,6 @@
 workers, and the VLM training on its batches."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,19 +130,43 @@ def test_impossible_blends_stop_with_one_clear_error(world):
         make_loader(cfg)
 
 
-def test_the_vlm_trains_on_loader_batches(world):
-    from distributed import free_port
+def test_the_vlm_trains_on_loader_batches(world, runtime):
     from megatron_vlm.model.build import build_model
-    from megatron_vlm.runtime import initialize, shutdown
     from megatron_vlm.training.step import setup_training, train_step
 
     cfg = config(world, "train.train_iters=8", "train.lr=3e-3")
-    os.environ["MASTER_PORT"] = str(free_port())
-    initialize(1, 1, seed=cfg.seed)
-    try:
-        state = setup_training(build_model(cfg), cfg)
-        loader, _ = make_loader(cfg)
-        losses = [train_step(state, iter(mbs), len(mbs), cfg)["loss"] for mbs in steps(loader, 8)]
-    finally:
-        shutdown()
+    state = setup_training(build_model(cfg), cfg)
+    loader, _ = make_loader(cfg)
+    losses = [train_step(state, iter(mbs), len(mbs), cfg)["loss"] for mbs in steps(loader, 8)]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_caption_fill_text_packs_documents_with_their_own_attention(world):
+    cfg = config(world, "data.caption_fill=text")
+    loader, index = make_loader(cfg)
+    # every caption sequence counts all L positions toward the caption source
+    assert index.summary()["max_abs_error_sequences"] <= 1.0
+    seen = 0
+    for mbs in steps(loader, 4):
+        for mb in mbs:
+            assert mb["attention_mask"].shape == (cfg.train.micro_batch_size, 1,
+                                                 cfg.train.seq_length, cfg.train.seq_length)
+            for row in range(mb["tokens"].shape[0]):
+                if int(mb["source_ids"][row]) != 1:  # SOURCE_ORDER index of captions
+                    continue
+                seen += 1
+                seg = mb["segment_ids"][row]
+                assert int(seg.max()) >= 1 and int((seg == -1).sum()) == 0  # filled, no padding
+                mask = mb["attention_mask"][row, 0]
+                first_filler = int((seg >= 1).nonzero()[0])
+                assert bool(mask[first_filler, :first_filler].all())  # cannot see the caption
+                assert mb["loss_mask"][row, first_filler:].sum() > 0
+    assert seen > 0
+    # resumable like every other layout
+    from megatron_vlm.data.loader import LoaderState
+
+    full = steps(make_loader(cfg)[0], 4)
+    resumed, _ = make_loader(cfg, state=LoaderState(consumed_global_batches=2))
+    for a, b in zip(full[2:], steps(resumed, 2)):
+        for x, y in zip(a, b):
+            assert_same(x, y)

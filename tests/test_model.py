@@ -1,7 +1,6 @@
 """The VLM module in one process: decoder block, qk-norm, projector, image splicing, errors."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -9,17 +8,6 @@ import torch.nn.functional as F
 
 from megatron_vlm.config import load_config
 from megatron_vlm.model import param_count
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from distributed import free_port
-    from megatron_vlm.runtime import initialize, shutdown
-
-    os.environ["MASTER_PORT"] = str(free_port())
-    info = initialize(1, 1, seed=7)
-    yield info
-    shutdown()
 
 
 def build(overrides=()):

@@ -1,6 +1,5 @@
 """Sample layouts and loss masks, checked token by token; collate and the attention mask."""
 
-import os
 import re
 
 import numpy as np
@@ -427,17 +426,6 @@ def test_real_tokenizer_conversation(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from distributed import free_port
-    from megatron_vlm.runtime import initialize, shutdown
-
-    os.environ["MASTER_PORT"] = str(free_port())
-    info = initialize(1, 1, seed=7)
-    yield info
-    shutdown()
 
 
 def test_vlm_accepts_collated_batch_and_segments_isolate_attention(runtime):

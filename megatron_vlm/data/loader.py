@@ -9,7 +9,10 @@ batch of ``B`` sequences, so the ranks' rows are disjoint and together cover the
 What a sequence counts toward the ratios (the blend index's "tokens"): the positions its own
 source fills — a whole window for text; image positions, separator, caption and EOS for a
 caption sequence; image positions, conversation and EOS (cut to the sequence length) for an
-instruction sequence. Padding counts for no source.
+instruction sequence. Padding counts for no source. With ``data.caption_fill: text`` a caption
+sequence is packed full with text documents after its EOS and counts all its positions toward
+the caption source (the filler comes from the text shards in an order of its own, chosen by the
+sequence's place in the blend, so it is as deterministic and resumable as everything else).
 """
 
 from __future__ import annotations
@@ -64,9 +67,14 @@ class DataSources:
         self.names = [n for n in SOURCE_ORDER if n in data_cfg.ratios]
         self.skipped: dict[str, list[str]] = {}
         self.text = self.captions = self.instructions = self.instruction_images = None
+        self.fill_text = data_cfg.caption_fill == "text" and "captions" in self.names
         if "text" in self.names:
             self.text = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
                                           seed=data_cfg.seed)
+        if self.fill_text:
+            # Its own document order (another seed), so filler is not the text source's windows.
+            self.filler = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
+                                            seed=data_cfg.seed + 7919)
         if "captions" in self.names:
             self.captions = EmbeddingDataset(data_cfg.captions)
             self._check_embeddings(self.captions, "data.captions", embed_dim)
@@ -113,11 +121,23 @@ class DataSources:
         for name in self.names:
             kind, path = kinds[name]
             rows = self.instruction_rows if name == "instructions" else None
-            out.append(source_from_shards(name, kind, path, self.seq_length, rows=rows, **common))
+            # With text filling, a caption sequence is all caption source: its filler text
+            # counts there too (docs/data.md), so every caption sequence counts L positions.
+            padding = name == "captions" and self.fill_text
+            out.append(source_from_shards(name, kind, path, self.seq_length, rows=rows,
+                                          count_padding=padding, **common))
         return out
 
-    def sample(self, source: str, i: int) -> Sample:
-        """Sequence ``i`` of ``source`` (as numbered in :meth:`blend_sources`)."""
+    def _filler_documents(self, slot: int) -> Iterator[np.ndarray]:
+        """Documents to fill caption slot ``slot`` with: one packed window of the filler text
+        split after each EOS (the first may start mid-document)."""
+        window = self.filler.window(slot % len(self.filler))
+        ends = np.flatnonzero(window == self.eos_id) + 1
+        return iter(np.split(window, ends))
+
+    def sample(self, source: str, i: int, slot: int = 0) -> Sample:
+        """Sequence ``i`` of ``source`` (as numbered in :meth:`blend_sources`); ``slot`` is the
+        sequence's place in the blend, which picks the text that fills a caption sequence."""
         if source == "text":
             return build_text_sample(self.text.window(i), self.eos_id, source=source,
                                      key=f"text:{i}")
@@ -125,6 +145,7 @@ class DataSources:
             return build_caption_sample(
                 self.captions.caption_tokens(i), self.n_img, self.separator_id, self.eos_id,
                 self.seq_length, self.pad_id, fill=self.cfg.caption_fill, source=source,
+                text_tokens_iter=self._filler_documents(slot) if self.fill_text else None,
                 key=self.captions.key(i), image_embedding=self.captions.embedding(i))
         row = int(self.instruction_rows[i])
         image_key = self.instructions.image_key(row)
@@ -181,11 +202,14 @@ class _RankMicroBatches(torch.utils.data.Dataset):
         g, m = divmod(j, self.per_batch)
         source_ids, sample_ids = self.index.batch(self.first_batch + g)
         start = self.dp_rank * self.rows + m * self.micro_batch_size
+        first_slot = (self.first_batch + g) * self.index.global_batch_size + start
         names = self.index.source_names
         picks = [(names[int(s)], int(i)) for s, i in
                  zip(source_ids[start:start + self.micro_batch_size],
                      sample_ids[start:start + self.micro_batch_size])]
-        batch = collate([self.sources.sample(name, i) for name, i in picks])
+        samples = [self.sources.sample(name, i, first_slot + k) for k, (name, i) in enumerate(picks)]
+        # Packed filler documents need attention kept inside each document.
+        batch = collate(samples, attention_mask=self.sources.fill_text)
         # Ids in SOURCE_ORDER (not the index's order) so they mean the same in every run.
         batch["source_ids"] = torch.tensor([SOURCE_ORDER.index(name) for name, _ in picks])
         return batch

@@ -87,6 +87,7 @@ def forward_step(data_iterator: Iterator[dict], model):
     output = model(
         tokens=batch["tokens"],
         labels=batch["labels"],
+        attention_mask=batch.get("attention_mask"),
         image_mask=batch.get("image_mask"),
         image_embeddings=batch.get("image_embeddings"),
         images=batch.get("images"),
