@@ -17,14 +17,22 @@ def run_main(main: Callable[[], int], prog: str) -> None:
         status = main()
     except USER_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        _teardown_if_started()
+        sys.exit(2)
+    sys.exit(status)
+
+
+def _teardown_if_started() -> None:
+    """Destroys process groups a failed run had started, so peers don't wait on it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         try:
             from megatron_vlm.runtime import shutdown
 
             shutdown()
         except Exception:  # teardown after a failed start is best effort only
             pass
-        sys.exit(2)
-    sys.exit(status)
 
 
 def add_tokenizer_args(parser) -> None:
@@ -46,3 +54,41 @@ def log_summary(log, prog: str, summary) -> None:
     log.info("%s summary:", prog)
     for line in summary.lines():
         log.info("  %s", line)
+
+
+def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = False) -> None:
+    """The whole of pretrain_vlm.py / finetune_vlm.py: config from a YAML file or recipe plus
+    ``key=value`` overrides (``defaults`` first, so the user's win), then the training loop."""
+
+    def main(argv=None) -> int:
+        import argparse
+
+        from megatron_vlm.config import format_help, load_config
+        from megatron_vlm.logs import configure_logging
+
+        configure_logging()
+        parser = argparse.ArgumentParser(prog=prog, description=doc, epilog=format_help(),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("config", nargs="?", default=None,
+                            help="a YAML config file (or give --recipe)")
+        parser.add_argument("--recipe", default=None, help="a recipe name instead of a file")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        args = parser.parse_intermixed_args(argv)
+        source = args.config or args.recipe
+        if args.config and "=" in args.config:  # only overrides were given
+            args.overrides.insert(0, args.config)
+            source = args.recipe
+        if source is None:
+            parser.error("give a config YAML file or --recipe NAME")
+        cfg = load_config(source, [*defaults, *args.overrides])
+        if require_load and not cfg.checkpoint.load:
+            raise ValueError(f"{prog} needs checkpoint.load=PATH (the pre-trained checkpoint)")
+        from megatron_vlm.training.loop import train
+
+        train(cfg)
+        from megatron_vlm.runtime import shutdown
+
+        shutdown()
+        return 0
+
+    run_main(main, prog)

@@ -43,6 +43,8 @@ RECIPES_PACKAGE = "megatron_vlm.recipes"
 DATA_KINDS = ("random", "blend")
 DATA_SOURCES = ("text", "captions", "instructions")
 CAPTION_FILLS = ("pad", "text")
+SCHEDULE_MODES = ("from_scratch", "continue", "rewarmup")
+DECAY_STYLES = ("cosine", "linear", "constant")
 
 
 class _Section:
@@ -371,6 +373,60 @@ class DataConfig(_Section):
             self._fail("caption_fill", "needs data.text (the documents that fill captions)")
 
 
+@dataclass
+class ScheduleConfig(_Section):
+    """Learning-rate schedule: peak train.lr, final train.min_lr, over train.train_iters steps."""
+
+    _PATH = "schedule"
+
+    mode: str = "from_scratch"
+    """'from_scratch' (warmup then decay), 'continue' (keep the schedule of the checkpoint in
+    checkpoint.load and cool down from its LR to its final LR over this run's steps), or
+    'rewarmup' (warm up again to train.lr, then decay)."""
+    warmup_iters: int = 0
+    """Linear warmup steps ('from_scratch' and 'rewarmup')."""
+    warmup_fraction: Optional[float] = None
+    """Warmup as a fraction of train.train_iters (e.g. 0.05 for fine-tuning); overrides
+    warmup_iters when set."""
+    decay_style: str = "cosine"
+    """Decay after warmup: 'cosine', 'linear' or 'constant'."""
+
+    def _check(self) -> None:
+        self._check_choice("mode", SCHEDULE_MODES)
+        self._check_choice("decay_style", DECAY_STYLES)
+        if self.warmup_iters < 0:
+            self._fail("warmup_iters", "must not be negative")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            self._fail("warmup_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """Saving, loading and resuming (megatron-core distributed checkpoints)."""
+
+    _PATH = "checkpoint"
+
+    load: Optional[str] = None
+    """A checkpoint (or a run's checkpoint directory: its latest) to start from, e.g. a text
+    run's 80% checkpoint; model weights always, optimizer state per load_optimizer."""
+    load_optimizer: bool = True
+    """Also load the optimizer state from checkpoint.load (same parameter set required)."""
+    save_fractions: list = field(default_factory=list)
+    """Fractions of the schedule at which to save, e.g. [0.2, 0.4, 0.6, 0.8, 1.0]."""
+    save_interval: Optional[int] = None
+    """Also save every this many steps (for resuming after a crash)."""
+    keep_last: int = 2
+    """Interval checkpoints to keep (fraction checkpoints are always kept)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one."""
+
+    def _check(self) -> None:
+        for f in self.save_fractions:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                self._fail("save_fractions", f"has {f!r}: every fraction must be in (0, 1]")
+        self._check_positive("save_interval", "keep_last")
+
+
 @dataclass(kw_only=True)  # keyword-only: `model` has no default but follows fields that do
 class RunConfig(_Section):
     """A whole run: model, parallel layout and training settings."""
@@ -389,10 +445,17 @@ class RunConfig(_Section):
     """Training settings."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
 
     def _check(self) -> None:
         if not self.name:
             self._fail("name", "must not be empty")
+        if self.schedule.mode == "continue" and self.checkpoint.load is None:
+            self._fail_pair("schedule.mode", "'continue'", "needs a checkpoint to continue:",
+                            "checkpoint.load", None)
         decoder = self.model.decoder
         if self.train.seq_length > decoder.max_seq_length:
             self._fail_pair("train.seq_length", self.train.seq_length, "is larger than",

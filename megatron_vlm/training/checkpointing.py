@@ -1,12 +1,181 @@
-"""Model checkpoints as megatron-core distributed checkpoints (reshardable across TP/PP)."""
+"""Checkpoints: megatron-core distributed checkpoints of the whole training state.
+
+A checkpoint directory ``OUTPUT_DIR/checkpoints/step_0000123`` holds, in one
+``dist_checkpointing`` save: the model (resharded on load to any TP/PP layout), the optimizer
+state, every rank's RNG states, and a ``common`` dict with the step, the schedule metadata, the
+loader state and the resolved config. Writes are atomic: everything goes to ``NAME.tmp`` and is
+renamed once every rank has finished, and the ``latest`` pointer file is replaced atomically
+after that, so a crash during a write never leaves a checkpoint that looks complete.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import shutil
 from pathlib import Path
+from typing import Any, Optional
 
-from megatron.core import dist_checkpointing
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+COMMON = "common.json"
 
 
+def unwrap(model):
+    """The VLM module inside DDP / Float16 wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """This rank's RNG states, one element of a (PP, TP, DP) grid."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_data_parallel_world_size())
+    return ShardedObject("rng_state", state, (pp, tp, dp),
+                         (parallel_state.get_pipeline_model_parallel_rank(),
+                          parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_data_parallel_rank()), replica_id=0)
+
+
+def _set_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, with_optimizer: bool, with_rng: bool, is_loading: bool) -> dict:
+    model_sd = unwrap(model).sharded_state_dict()
+    state: dict[str, Any] = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object()
+    return state
+
+
+def save_checkpoint(directory: str | Path, model, optimizer, common: dict) -> Path:
+    """Saves the full training state to ``directory`` atomically (every rank must call it)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, True, True, False), str(tmp))
+    _barrier()
+    if _rank0():
+        _write_json(tmp / COMMON, common)
+        _fsync_dir(tmp)
+        if directory.exists():  # a checkpoint of the same step from an earlier, resumed run
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+        _write_text_atomic(directory.parent / LATEST, directory.name)
+    _barrier()
+    return directory
+
+
+def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool = True) -> dict:
+    """Loads a checkpoint saved at any TP/PP layout; returns its ``common`` dict.
+
+    ``optimizer=None`` loads the weights only (e.g. starting a new stage from a text run).
+    """
+    directory = resolve_checkpoint(directory)
+    common = read_common(directory)
+    state = dist_checkpointing.load(
+        _sharded_state(model, optimizer, optimizer is not None, with_rng, True), str(directory))
+    unwrap(model).load_state_dict(state["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if with_rng:
+        _set_rng(state["rng_state"])
+    return common
+
+
+def read_common(directory: str | Path) -> dict:
+    """The step, schedule metadata, loader state and config stored with a checkpoint."""
+    directory = resolve_checkpoint(directory)
+    path = directory / COMMON
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint ({COMMON} missing)")
+    return json.loads(path.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint path or a directory of checkpoints (its
+    ``latest``); FileNotFoundError naming the path when there is none."""
+    path = Path(path)
+    if (path / COMMON).is_file():
+        return path
+    if (path / LATEST).is_file():
+        return resolve_checkpoint(path / (path / LATEST).read_text().strip())
+    if (path / "checkpoints").is_dir():
+        return resolve_checkpoint(path / "checkpoints")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise FileNotFoundError(f"{path} holds no complete checkpoint (no {COMMON} and no {LATEST})")
+
+
+def latest_checkpoint(directory: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint under ``directory``, or None."""
+    try:
+        return resolve_checkpoint(directory)
+    except FileNotFoundError:
+        return None
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int, keep: set[str]) -> None:
+    """Deletes all but the ``keep_last`` newest step checkpoints, except those named in ``keep``;
+    leftovers of interrupted writes (``*.tmp``) go too."""
+    if not _rank0():
+        return
+    directory = Path(directory)
+    steps = sorted(p for p in directory.iterdir() if STEP_DIR.match(p.name))
+    for old in steps[:-keep_last] if keep_last else steps:
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in directory.glob("*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# Kept for the parallel self-check: weights only, no optimizer, no RNG, no common file.
 def save_model(model, directory: str | Path) -> None:
     """Saves the model's sharded state dict; every rank of the job must call this."""
     directory = Path(directory)
@@ -15,7 +184,7 @@ def save_model(model, directory: str | Path) -> None:
 
 
 def load_model(model, directory: str | Path) -> None:
-    """Loads a checkpoint saved at any TP/PP layout into ``model`` (strict)."""
+    """Loads weights saved by :func:`save_model` at any TP/PP layout into ``model`` (strict)."""
     directory = Path(directory)
     if not (directory / "metadata.json").exists():
         raise FileNotFoundError(f"no distributed checkpoint at {directory} (metadata.json missing)")
@@ -24,8 +193,22 @@ def load_model(model, directory: str | Path) -> None:
     inner.load_state_dict(state, strict=True)
 
 
-def unwrap(model):
-    """The VLM module inside DDP / Float16 wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def _write_json(path: Path, data: dict) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".writing")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,235 @@
+"""The training loop shared by pretrain_vlm.py and finetune_vlm.py, top to bottom.
+
+start: process groups -> config checks that can fail early -> model, DDP, optimizer -> resume
+(the latest checkpoint of this run) or start from ``checkpoint.load`` -> data -> schedule
+loop:  LR from the schedule -> one train step (megatron schedules) -> log -> maybe save
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("megatron_vlm")
+
+# Dense bf16 peak of the GPUs the MFU estimate knows (FLOP/s per GPU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def build_schedule(cfg, parent_common: Optional[dict]):
+    """The run's LR schedule from ``schedule.*`` (and the parent checkpoint's metadata)."""
+    from megatron_vlm.training.schedule import LRSchedule
+
+    s, t = cfg.schedule, cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_length
+    if s.mode == "continue":
+        parent = (parent_common or {}).get("schedule")
+        if parent is None:
+            raise ValueError(f"schedule.mode=continue: checkpoint {cfg.checkpoint.load} has no "
+                             "schedule metadata to continue (use schedule.mode=rewarmup)")
+        return LRSchedule.continue_from(parent, t.train_iters, tokens_per_step=tokens_per_step)
+    warmup = (math.ceil(s.warmup_fraction * t.train_iters) if s.warmup_fraction is not None
+              else s.warmup_iters)  # ceil, as LRSchedule.warmup_cosine_fraction
+    if warmup > t.train_iters:
+        raise ValueError(f"schedule.warmup_iters={warmup} is longer than "
+                         f"train.train_iters={t.train_iters}")
+    if s.mode == "rewarmup":
+        return LRSchedule.rewarmup(t.train_iters, warmup, t.lr, t.min_lr, s.decay_style,
+                                   tokens_per_step=tokens_per_step,
+                                   parent=(parent_common or {}).get("schedule"))
+    return LRSchedule.warmup_cosine(t.train_iters, warmup, t.lr, t.min_lr, s.decay_style,
+                                    tokens_per_step=tokens_per_step)
+
+
+def log_trainable(model) -> None:
+    """One line per top-level part: trainable or frozen, and its parameter count."""
+    from megatron_vlm.training.checkpointing import unwrap
+
+    parts = {"decoder": unwrap(model).language_model, "projector": unwrap(model).projector,
+             "vision encoder": unwrap(model).vision_encoder}
+    for name, part in parts.items():
+        if part is None:
+            continue
+        params = list(part.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        state = "trainable" if trainable == total else ("frozen" if trainable == 0 else "partly trainable")
+        logger.info("  %-14s %s (%s of %s parameters train)", name, state, f"{trainable:,}", f"{total:,}")
+
+
+def _flops_per_token(cfg) -> float:
+    """Training FLOPs per token of the decoder: 6 x parameters + attention."""
+    from megatron_vlm.model.param_count import decoder_parameters
+
+    dec = cfg.model.decoder
+    return 6 * decoder_parameters(dec) + 12 * dec.num_layers * dec.hidden_size * cfg.train.seq_length
+
+
+def _peak_flops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
+    """(next_step function, loader or None) for ``data.kind``."""
+    train, enc = cfg.train, cfg.model.encoder
+    if cfg.data.kind == "blend":
+        from megatron_vlm.data.loader import BlendLoader, DataSources, LoaderState, build_index
+
+        sources = DataSources(cfg.data, train.seq_length, enc.num_image_tokens, enc.embed_dim,
+                              cfg.model.decoder.vocab_size)
+        index = build_index(sources, cfg)
+        if index.num_batches < train.train_iters:
+            raise ValueError(f"the blend holds {index.num_batches} global batches but "
+                             f"train.train_iters={train.train_iters}; raise data.total_tokens")
+        loader = BlendLoader(sources, index, dp_rank, dp, train.micro_batch_size,
+                             num_workers=cfg.data.num_workers,
+                             state=LoaderState(**loader_state) if loader_state else None)
+        return loader.next_step, loader
+
+    from megatron_vlm.data.batch import random_batch, slice_rows, split_microbatches
+
+    consumed = (loader_state or {}).get("consumed_global_batches", 0)
+    rows = train.global_batch_size // dp
+
+    def next_random():
+        nonlocal consumed
+        # A generator per global batch: resumable from the batch count alone.
+        gen = torch.Generator().manual_seed(cfg.data.seed * 1_000_003 + consumed)
+        consumed += 1
+        batch = random_batch(gen, train.global_batch_size, train.seq_length,
+                             cfg.model.decoder.vocab_size, enc.num_image_tokens, enc.embed_dim,
+                             image_size=enc.image_size if enc.mode == "online" else None)
+        return split_microbatches(slice_rows(batch, dp_rank * rows, (dp_rank + 1) * rows),
+                                  train.micro_batch_size)
+
+    next_random.state_dict = lambda: {"consumed_global_batches": consumed}
+    return next_random, next_random
+
+
+def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """Runs (or resumes) the training described by ``cfg``; returns the per-step metrics of
+    this invocation."""
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from megatron_vlm.config import config_to_dict, dump_config, non_default_values
+    from megatron_vlm.model.build import build_model
+    from megatron_vlm.runtime import initialize
+    from megatron_vlm.runtime.distributed import init_process_group_only
+    from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
+    from megatron_vlm.training.step import setup_training, train_step
+
+    # Checks that need no model: a bad path or schedule stops here, before any work.
+    parent_common = ckpt.read_common(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    schedule = build_schedule(cfg, parent_common)
+
+    _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    dp = cfg.validate_parallel(world)
+    info = initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                      backend=cfg.parallel.backend, timeout_minutes=cfg.parallel.timeout_minutes,
+                      seed=cfg.seed)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("config: %s (non-default: %s)", dump_config(cfg, out / "config.yaml"),
+                    non_default_values(cfg))
+        logger.info("%s", schedule.describe())
+
+    model = build_model(cfg)
+    state = setup_training(model, cfg)
+    logger.info("model parts (this rank):")
+    log_trainable(model)
+
+    resume = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
+    start, loader_state = 0, None
+    if resume is not None:
+        common = ckpt.load_checkpoint(resume, state.model, state.optimizer)
+        start, loader_state = common["step"], common["loader"]
+        logger.info("resumed from %s at step %d", resume, start)
+    elif cfg.checkpoint.load:
+        optimizer = state.optimizer if cfg.checkpoint.load_optimizer else None
+        ckpt.load_checkpoint(cfg.checkpoint.load, state.model, optimizer, with_rng=False)
+        if optimizer is None:
+            state.optimizer.reload_model_params()
+        logger.info("started from %s (weights%s)", ckpt.resolve_checkpoint(cfg.checkpoint.load),
+                    " and optimizer state" if optimizer is not None else " only")
+    state.step = start
+
+    next_step, loader = make_batches(cfg, parallel_state.get_data_parallel_rank(), dp, loader_state)
+    saves = checkpoint_steps(cfg.train.train_iters, cfg.checkpoint.save_fractions) \
+        if cfg.checkpoint.save_fractions else {}
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+    flops_per_step = _flops_per_token(cfg) * tokens_per_step
+    peak = _peak_flops()
+
+    history: list[dict] = []
+    writer = _tensorboard(out) if rank == 0 else None
+    # One JSON line per step (a resumed run appends; the last line of a step wins).
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(range(start, cfg.train.train_iters), initial=start, total=cfg.train.train_iters,
+               desc="train", disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        lr = schedule.lr(step)
+        apply_lr(state.optimizer, lr)
+        t0 = time.perf_counter()
+        microbatches = next_step()
+        metrics = train_step(state, iter(microbatches), len(microbatches), cfg)
+        seconds = time.perf_counter() - t0
+        metrics.update(step=step + 1, lr=lr, tokens_per_s=tokens_per_step / seconds,
+                       tflops=flops_per_step / seconds / 1e12 / world)
+        if peak:
+            metrics["mfu"] = flops_per_step / seconds / (peak * world)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(key, value, step + 1)
+        if rank == 0 and (step + 1) % cfg.train.log_interval == 0:
+            extra = " ".join(f"{k}={metrics[k]:.4f}" for k in metrics if k.startswith("loss/"))
+            logger.info("step %d/%d loss=%.4f %s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+                        step + 1, cfg.train.train_iters, metrics["loss"], extra, lr,
+                        metrics["grad_norm"], metrics["tokens_per_s"],
+                        f" mfu={metrics['mfu']:.3f}" if "mfu" in metrics else "")
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        done = step + 1
+        interval = cfg.checkpoint.save_interval
+        if done in saves or (interval and done % interval == 0):
+            meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
+            common = {"step": done, "schedule": meta.to_dict(), "loader": loader.state_dict(),
+                      "fraction": done / cfg.train.train_iters, "config": config_to_dict(cfg)}
+            path = ckpt.save_checkpoint(ckpt_dir / ckpt.step_dir_name(done), state.model,
+                                        state.optimizer, common)
+            keep = {ckpt.step_dir_name(s) for s in saves}
+            ckpt.prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last, keep)
+            if rank == 0:
+                logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
+    if writer is not None:
+        writer.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    return history
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        logger.warning("tensorboard is not importable: no TensorBoard logs")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

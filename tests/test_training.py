@@ -1,0 +1,214 @@
+"""pretrain_vlm.py / finetune_vlm.py end to end on the CPU: schedules continued from an x%
+checkpoint, exact resume after SIGKILL, the stage chain, frozen vs trainable encoder, and
+bad configs stopping at start."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distributed import REPO, free_port
+
+TINY = ["--recipe", "tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "train.seq_length=64"]
+
+
+def entry(script, *args, timeout=300, wait=True):
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / script), *TINY, *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    """step -> metrics, the last line of each step winning (a resumed run appends)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record
+    return out
+
+
+def final_weights(run_dir, step):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = run_dir / f"weights_{step}.pt"
+    dcp_to_torch_save(str(run_dir / "checkpoints" / f"step_{step:07d}"), str(target))
+    state = torch.load(target, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k
+            and not k.startswith("optimizer")}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("text")
+    proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=10",
+                 "schedule.warmup_iters=2", "checkpoint.save_fractions=[0.2,0.8,1.0]",
+                 f"output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_text_run_saves_checkpoints_at_schedule_fractions(text_run):
+    names = sorted(p.name for p in (text_run / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_0000002", "step_0000008", "step_0000010"]
+    common = json.loads((text_run / "checkpoints" / "step_0000008" / "common.json").read_text())
+    assert common["step"] == 8 and common["fraction"] == 0.8
+    assert common["schedule"]["step"] == 8 and common["schedule"]["total_steps"] == 10
+    assert common["loader"]["consumed_global_batches"] == 8
+
+
+def test_continue_mode_cools_down_from_the_checkpoint_lr(text_run, tmp_path):
+    from megatron_vlm.training.schedule import LRSchedule
+
+    text = metrics(text_run)
+    text_schedule = LRSchedule.warmup_cosine(10, 2, 3e-3, 1e-5)
+    assert text[9]["lr"] == pytest.approx(text_schedule.lr(8), abs=1e-15)
+    proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=6",
+                 f"checkpoint.load={text_run}/checkpoints/step_0000008", "schedule.mode=continue",
+                 "checkpoint.save_fractions=[1.0]", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mode=continue" in proc.stderr and "from its step 8/10" in proc.stderr
+    lrs = [m["lr"] for _, m in sorted(metrics(tmp_path).items())]
+    assert lrs[0] == pytest.approx(text_schedule.lr(8), rel=1e-12)  # the text run's LR at 80%
+    assert lrs == sorted(lrs, reverse=True)
+    # The schedule ends at the text run's final LR: the end-of-run checkpoint records it.
+    from megatron_vlm.training.schedule import ScheduleMetadata
+
+    end = json.loads((tmp_path / "checkpoints" / "step_0000006" / "common.json").read_text())
+    meta = ScheduleMetadata.from_dict(end["schedule"])
+    assert meta.step == meta.total_steps == 6 and meta.lr == 1e-5
+    assert meta.parent.step == 8 and meta.mode == "continue"
+
+
+def test_rewarmup_reaches_its_peak_at_the_end_of_warmup(text_run, tmp_path):
+    proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=8", "train.lr=3e-3",
+                 f"checkpoint.load={text_run}", "schedule.mode=rewarmup", "schedule.warmup_iters=3",
+                 f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lrs = [m["lr"] for _, m in sorted(metrics(tmp_path).items())]
+    assert lrs[:3] == pytest.approx([0.0, 1e-3, 2e-3]) and lrs[3] == pytest.approx(3e-3)
+
+
+def test_sigkill_and_resume_continue_the_same_losses_bitwise(tmp_path):
+    args = ["data.kind=random", "train.train_iters=12", "checkpoint.save_interval=1",
+            "checkpoint.keep_last=2", "schedule.warmup_iters=2"]
+    straight = tmp_path / "straight"
+    proc = entry("pretrain_vlm.py", *args, f"output_dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    kill_at = random.Random().randint(3, 9)
+    victim = entry("pretrain_vlm.py", *args, f"output_dir={killed}", wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        path = killed / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert len(metrics(killed)) < 12
+    proc = entry("pretrain_vlm.py", *args, f"output_dir={killed}")  # the same command resumes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    a, b = metrics(straight), metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]  # bitwise
+    assert [a[s]["lr"] for s in a] == [b[s]["lr"] for s in a]
+    wa, wb = final_weights(straight, 12), final_weights(killed, 12)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_0000011", "step_0000012"]
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_encoder_stays_fixed_and_out_of_the_optimizer(tmp_path, frozen):
+    proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=3",
+                 "model.encoder.mode=online", f"model.encoder.frozen={str(frozen).lower()}",
+                 "checkpoint.save_fractions=[1.0]", "checkpoint.save_interval=1", "checkpoint.keep_last=3",
+                 f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (a trainable SigLIP keeps its unused pooling head frozen: "partly trainable")
+    expected = r"vision encoder +frozen" if frozen else r"vision encoder +(partly )?trainable"
+    assert re.search(expected, proc.stderr), proc.stderr[-2000:]
+    first, last = final_weights(tmp_path, 1), final_weights(tmp_path, 3)
+    encoder = [k for k in first if k.startswith("vision_encoder.")]
+    assert encoder
+    changed = [k for k in encoder if not torch.equal(first[k], last[k])]
+    if frozen:
+        assert changed == []
+    else:
+        assert changed
+    state = torch.load(tmp_path / "weights_3.pt", weights_only=False)
+    optimizer_keys = " ".join(k for k in state if k.startswith("optimizer"))
+    assert ("vision_encoder" in optimizer_keys) is (not frozen)
+
+
+def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
+    missing = entry("pretrain_vlm.py", "data.kind=random", f"checkpoint.load={tmp_path}/nowhere",
+                    f"output_dir={tmp_path}/a")
+    assert missing.returncode == 2 and "pretrain_vlm: error:" in missing.stderr
+    assert "nowhere does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    fraction = entry("pretrain_vlm.py", "data.kind=random", "checkpoint.save_fractions=[0.5,1.2]")
+    assert fraction.returncode == 2 and "every fraction must be in (0, 1]" in fraction.stderr
+    # a checkpoint without schedule metadata cannot be continued
+    bare = tmp_path / "bare"
+    import shutil
+
+    shutil.copytree(text_run / "checkpoints" / "step_0000008", bare)
+    common = json.loads((bare / "common.json").read_text())
+    del common["schedule"]
+    (bare / "common.json").write_text(json.dumps(common))
+    no_meta = entry("pretrain_vlm.py", "data.kind=random", f"checkpoint.load={bare}",
+                    "schedule.mode=continue", f"output_dir={tmp_path}/b")
+    assert no_meta.returncode == 2 and "no schedule metadata" in no_meta.stderr
+    needs_load = entry("finetune_vlm.py", "data.kind=random", f"output_dir={tmp_path}/c")
+    assert needs_load.returncode == 2 and "checkpoint.load" in needs_load.stderr
+
+
+@pytest.fixture(scope="module")
+def shapesworld(tmp_path_factory):
+    from megatron_vlm.data.prepare import prepare_shapesworld
+
+    root = tmp_path_factory.mktemp("shapesworld")
+    return prepare_shapesworld(root, "tiny", ["train.seq_length=64"], images=96, text_docs=600,
+                               quiet=True)
+
+
+def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_path):
+    data = ["data.kind=blend", *shapesworld.overrides(), "train.lr=3e-3"]
+    text, image, tuned = tmp_path / "text", tmp_path / "image", tmp_path / "tuned"
+    proc = entry("pretrain_vlm.py", *data, "data.ratios={text: 1.0}", "train.train_iters=10",
+                 "checkpoint.save_fractions=[0.8,1.0]", f"output_dir={text}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = entry("pretrain_vlm.py", *data, "data.ratios={text: 0.5, captions: 0.5}",
+                 "train.train_iters=16", f"checkpoint.load={text}/checkpoints/step_0000008",
+                 "schedule.mode=continue", "checkpoint.save_fractions=[1.0]", f"output_dir={image}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = entry("finetune_vlm.py", *data, "data.ratios={instructions: 1.0}",
+                 "train.train_iters=16", f"checkpoint.load={image}", "checkpoint.load_optimizer=false",
+                 f"output_dir={tuned}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights only" in proc.stderr and "mode=rewarmup" in proc.stderr
+
+    def falls(run, key):
+        values = [m[key] for _, m in sorted(metrics(run).items()) if key in m]
+        return sum(values[-4:]) / 4 < sum(values[:4]) / 4
+
+    assert falls(image, "loss/captions")
+    assert falls(tuned, "loss/instructions")
+    first_image_lr = metrics(image)[1]["lr"]
+    from megatron_vlm.training.schedule import LRSchedule
+
+    assert first_image_lr == pytest.approx(LRSchedule.warmup_cosine(10, 0, 3e-3, 1e-5).lr(8))
