@@ -284,6 +284,9 @@ class TrainConfig(_Section):
     """FP8 format: null, 'hybrid' or 'e4m3' (needs Transformer Engine and a Hopper GPU)."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    wandb_project: Optional[str] = None
+    """Also log metrics to this Weights & Biases project (needs the wandb package); metrics
+    always go to OUTPUT_DIR/metrics.jsonl and TensorBoard."""
 
     def _check(self) -> None:
         self._check_positive("micro_batch_size", "global_batch_size", "seq_length", "train_iters",

@@ -175,6 +175,12 @@ def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
     assert no_meta.returncode == 2 and "no schedule metadata" in no_meta.stderr
     needs_load = entry("finetune_vlm.py", "data.kind=random", f"output_dir={tmp_path}/c")
     assert needs_load.returncode == 2 and "checkpoint.load" in needs_load.stderr
+    try:
+        import wandb  # noqa: F401
+    except ImportError:  # without the package, asking for W&B is one clear error
+        no_wandb = entry("pretrain_vlm.py", "data.kind=random", "train.wandb_project=vlm",
+                         f"output_dir={tmp_path}/d")
+        assert no_wandb.returncode == 2 and "wandb is not installed" in no_wandb.stderr
 
 
 @pytest.fixture(scope="module")

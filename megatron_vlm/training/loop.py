@@ -7,7 +7,6 @@ loop:  LR from the schedule -> one train step (megatron schedules) -> log -> may
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -126,6 +125,7 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     from megatron_vlm.runtime import initialize
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training.metrics_log import MetricsLog
     from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
     from megatron_vlm.training.step import setup_training, train_step
 
@@ -174,9 +174,8 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     peak = _peak_flops()
 
     history: list[dict] = []
-    writer = _tensorboard(out) if rank == 0 else None
-    # One JSON line per step (a resumed run appends; the last line of a step wins).
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
+            if rank == 0 else None)
     bar = tqdm(range(start, cfg.train.train_iters), initial=start, total=cfg.train.train_iters,
                desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
@@ -192,13 +191,8 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             metrics["mfu"] = flops_per_step / seconds / (peak * world)
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-        if writer is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(key, value, step + 1)
+        if sink is not None:
+            sink.log(step + 1, metrics)
         if rank == 0 and (step + 1) % cfg.train.log_interval == 0:
             extra = " ".join(f"{k}={metrics[k]:.4f}" for k in metrics if k.startswith("loss/"))
             logger.info("step %d/%d loss=%.4f %s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
@@ -219,17 +213,6 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             ckpt.prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last, keep)
             if rank == 0:
                 logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
-    if writer is not None:
-        writer.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    if sink is not None:
+        sink.close()
     return history
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
-        logger.warning("tensorboard is not importable: no TensorBoard logs")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
