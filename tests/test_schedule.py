@@ -371,3 +371,33 @@ def test_plot_tool_errors_name_the_spec(repo_root, tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
 
+
+
+def test_plot_from_training_configs_branches_a_continued_run(repo_root, tmp_path):
+    text_dir = tmp_path / "text"
+    (tmp_path / "text.yaml").write_text(textwrap.dedent(f"""\
+        base: tiny
+        name: text
+        output_dir: {text_dir}
+        train: {{train_iters: 10, lr: 1.0e-2, min_lr: 1.0e-5}}
+        schedule: {{warmup_iters: 2}}
+        """))
+    (tmp_path / "cont.yaml").write_text(textwrap.dedent(f"""\
+        base: tiny
+        name: cont
+        output_dir: {tmp_path / 'cont'}
+        train: {{train_iters: 5}}
+        schedule: {{mode: continue}}
+        checkpoint: {{load: {text_dir}/checkpoints/step_0000008}}
+        """))
+    out = tmp_path / "configs.png"
+    proc = _plot(repo_root, "--output", str(out), "--config", str(tmp_path / "text.yaml"),
+                 str(tmp_path / "cont.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 10_000
+    text = LRSchedule.warmup_cosine(10, 2, 1e-2, 1e-5)
+    assert "continuing warmup_cosine run from its step 8/10" in proc.stdout
+    assert f"first_lr={text.lr(8):.4g}" in proc.stdout
+    # without the text config nothing says what the missing checkpoint continued
+    alone = _plot(repo_root, "--output", str(out), "--config", str(tmp_path / "cont.yaml"))
+    assert alone.returncode == 2 and "cannot know what to continue" in alone.stderr

@@ -24,6 +24,12 @@ checkpoints and re-warmed branches from its 0% and 100% checkpoints:
         --schedule rewarm0:rewarmup:parent=text@0,total=1000,warmup=100,peak=3e-3,final=1e-5 \\
         --schedule rewarm100:rewarmup:parent=text@100%,total=1000,warmup=100,peak=3e-3,final=1e-5
 
+From training configs (what pretrain_vlm.py / finetune_vlm.py would run), a run started from
+another's checkpoint drawn as its branch:
+
+    python tools/plot_schedules.py --output examples.png \\
+        --config examples/1b/text.yaml examples/1b/image_text.yaml examples/1b/finetune.yaml
+
 From schedule metadata saved with checkpoints (a JSON file holding ScheduleMetadata.to_dict(),
 bare or under a "schedule" key); their parents are drawn too, dashed:
 
@@ -274,6 +280,66 @@ def build_from_metadata(items: Sequence[str], curves: Dict[str, Curve]) -> None:
         add(load_metadata_file(Path(path)), name, True)
 
 
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def build_from_configs(items: Sequence[str], curves: Dict[str, Curve]) -> None:
+    """Adds a curve per ``[NAME=]CONFIG`` (a YAML file or recipe name), with the schedule the
+    training loop would build from it. A config starting from ``checkpoint.load`` branches off
+    the run that wrote that checkpoint: the checkpoint's own metadata when it exists, else
+    another of the given configs whose ``output_dir`` holds it (``.../step_NNNNNNN``)."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.training.checkpointing import read_common
+    from megatron_vlm.training.loop import build_schedule
+
+    configs = []
+    for item in items:
+        name, sep, ref = item.partition("=")
+        if not sep:
+            name, ref = "", item
+        cfg = load_config(ref)
+        configs.append((name or cfg.name, ref, cfg))
+    by_dir = {str(Path(cfg.output_dir)): name for name, _, cfg in configs}
+    built: Dict[str, Curve] = {}
+
+    def build(name: str, ref: str, cfg, chain: tuple) -> Curve:
+        if name in built:
+            return built[name]
+        if name in chain:
+            raise ValueError(f"--config {ref}: checkpoint.load chain loops through {name!r}")
+        parent_curve, parent_common, parent_step = None, None, None
+        load = cfg.checkpoint.load
+        if load:
+            run_dir = next((d for d in by_dir if str(Path(load)).startswith(d + "/")), None)
+            step = _STEP_DIR.search(str(load))
+            if Path(load).exists():  # a checkpoint on disk knows its own schedule
+                parent_common = read_common(load)
+                parent_step = parent_common.get("schedule", {}).get("step")
+            if run_dir is not None and (step is not None or parent_step is not None):
+                pname = by_dir[run_dir]
+                pref, pcfg = next((r, c) for n, r, c in configs if n == pname)
+                parent_curve = build(pname, pref, pcfg, chain + (name,))
+                if parent_step is None:
+                    parent_step = int(step.group(1))
+                    parent_common = {"schedule":
+                                     parent_curve.schedule.metadata(parent_step).to_dict()}
+            elif parent_common is None and cfg.schedule.mode == "continue":
+                raise ValueError(f"--config {ref}: checkpoint.load={load} does not exist and no "
+                                 "given --config has that output_dir: cannot know what to continue")
+        schedule = build_schedule(cfg, parent_common)
+        curve = Curve(name=name, schedule=schedule, tokens_per_step=schedule.tokens_per_step)
+        if parent_curve is not None:
+            _place_after(curve, parent_curve, parent_step)
+            parent_curve.children.append(name)
+            parent_curve.marker_steps.append(parent_step)
+        built[name] = curve
+        curves[name] = curve
+        return curve
+
+    for name, ref, cfg in configs:
+        build(name, ref, cfg, ())
+
+
 # ----------------------------------------------------------------------------- drawing
 
 def _sample_steps(sched: LRSchedule, points: int = 1200) -> List[float]:
@@ -356,6 +422,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", action="append", default=[], metavar="NAME:MODE:K=V,...",
                         help="a schedule to draw (repeatable)")
+    parser.add_argument("--config", nargs="+", default=[], metavar="[NAME=]YAML",
+                        help="training configs (YAML files or recipe names) to draw the "
+                             "schedules of, branched from each other by checkpoint.load")
     parser.add_argument("--from-metadata", nargs="+", default=[], metavar="[NAME=]JSON",
                         help="schedule metadata JSON files to draw (name defaults to the file's "
                              "directory)")
@@ -367,11 +436,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--log-y", action="store_true", help="logarithmic LR axis")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
-    if not args.schedule and not args.from_metadata:
-        parser.error("give at least one --schedule or --from-metadata")
+    if not args.schedule and not args.from_metadata and not args.config:
+        parser.error("give at least one --config, --schedule or --from-metadata")
     if args.tokens_per_step is not None and args.tokens_per_step <= 0:
         raise ValueError(f"--tokens-per-step must be positive, got {args.tokens_per_step}")
     curves = build_from_specs(args.schedule)
+    build_from_configs(args.config, curves)
     build_from_metadata(args.from_metadata, curves)
     tokens_axis = args.x_axis == "tokens" or (args.x_axis is None
                                               and args.tokens_per_step is not None)
