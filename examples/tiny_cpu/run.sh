@@ -46,4 +46,24 @@ stage ablation_projector_linear torchrun --standalone --nproc_per_node "$NPROC" 
 stage ablation_projector_linear_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/tiny_cpu/ablation_projector_linear_finetune.yaml "$@"
 stage ablation_unfrozen_encoder torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/ablation_unfrozen_encoder.yaml "$@"
 stage ablation_unfrozen_encoder_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/tiny_cpu/ablation_unfrozen_encoder_finetune.yaml "$@"
+
+# Loss at the start and the end of each run (means over its first and last 3 steps), overall
+# and per source, from the metrics.jsonl every run writes.
+python - <<'PY'
+import json
+from pathlib import Path
+
+for path in sorted(Path("runs/tiny_cpu").glob("*/metrics.jsonl")):
+    steps = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record  # a resumed run appends: the last line of a step wins
+    history = [steps[k] for k in sorted(steps)]
+    cells = []
+    for key in ["loss"] + sorted({k for h in history for k in h if k.startswith("loss/")}):
+        values = [h[key] for h in history if key in h]
+        first, last = values[:3], values[-3:]
+        cells.append(f"{key} {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f}")
+    print(f"{path.parent.name:<40} {len(history):>3} steps  " + "  ".join(cells))
+PY
 echo "all stages done: runs/tiny_cpu/"

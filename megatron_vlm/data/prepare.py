@@ -38,6 +38,16 @@ class PreparedData:
     instructions: Path
     instruction_images: Path
 
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "PreparedData":
+        """Where :func:`prepare_shapesworld` puts everything under ``root``."""
+        root = Path(root)
+        raw, shards = root / "raw", root / "shards"
+        return cls(raw=raw, tokenizer=raw / "tokenizer" / "tokenizer.json",
+                   text=shards / "text" / "corpus", captions=shards / "captions",
+                   instructions=shards / "instructions",
+                   instruction_images=shards / "instruction_images")
+
     def overrides(self) -> list[str]:
         """``key=value`` overrides pointing a config at these shards."""
         return [f"data.tokenizer={self.tokenizer}", f"data.text={self.text}",
@@ -73,9 +83,8 @@ def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides
 
     cfg = load_config(recipe, list(overrides))
     enc = cfg.model.encoder
-    root = Path(root)
-    raw, shards = root / "raw", root / "shards"
-    tokenizer = raw / "tokenizer" / "tokenizer.json"
+    paths = PreparedData.at(root)
+    raw, shards, tokenizer = paths.raw, paths.raw.parent / "shards", paths.tokenizer
     progress = ["--no-progress"] if quiet else []
     encoder_args = ["--recipe", recipe, *overrides]
     if enc.weights_path is None:
@@ -101,6 +110,4 @@ def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides
                                             str(shards / "instructions" / "images.txt"),
                                             "--output", str(shards / "instruction_images"),
                                             *progress], quiet)
-    return PreparedData(raw=raw, tokenizer=tokenizer, text=shards / "text" / "corpus",
-                        captions=shards / "captions", instructions=shards / "instructions",
-                        instruction_images=shards / "instruction_images")
+    return PreparedData.at(root)
