@@ -45,6 +45,7 @@ DATA_SOURCES = ("text", "captions", "instructions")
 CAPTION_FILLS = ("pad", "text")
 SCHEDULE_MODES = ("from_scratch", "continue", "rewarmup")
 DECAY_STYLES = ("cosine", "linear", "constant")
+LOAD_PARTS = ("all", "decoder")
 
 
 class _Section:
@@ -414,6 +415,10 @@ class CheckpointConfig(_Section):
     run's 80% checkpoint; model weights always, optimizer state per load_optimizer."""
     load_optimizer: bool = True
     """Also load the optimizer state from checkpoint.load (same parameter set required)."""
+    load_parts: str = "all"
+    """What to take from checkpoint.load: 'all' (the whole model) or 'decoder' (the language
+    model only; the projector and encoder keep their initialization, e.g. for a projector or
+    encoder ablation started from a text run). 'decoder' needs load_optimizer=false."""
     save_fractions: list = field(default_factory=list)
     """Fractions of the schedule at which to save, e.g. [0.2, 0.4, 0.6, 0.8, 1.0]."""
     save_interval: Optional[int] = None
@@ -424,6 +429,11 @@ class CheckpointConfig(_Section):
     """Resume from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one."""
 
     def _check(self) -> None:
+        self._check_choice("load_parts", LOAD_PARTS)
+        if self.load_parts != "all" and self.load_optimizer:
+            self._fail("load_parts", "loads part of the model, so the optimizer state (which "
+                                     "covers all of it) cannot come along: set "
+                                     "checkpoint.load_optimizer=false")
         for f in self.save_fractions:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
                 self._fail("save_fractions", f"has {f!r}: every fraction must be in (0, 1]")

@@ -128,3 +128,28 @@ def test_online_encoder_feeds_the_projector(runtime, frozen):
     else:
         assert encoder_grads and any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
     assert model.projector.encoder.linear_fc1.weight.grad.abs().sum() > 0
+
+
+def test_idle_projector_is_not_decayed_and_norms_skip_weight_decay(runtime):
+    """Text-only steps: the projector gets no gradient and must stay exactly as it is (decay
+    alone would shrink it to zero over a long text run); gains and biases are never decayed."""
+    from megatron_vlm.data.batch import random_batch, split_microbatches
+    from megatron_vlm.training.step import setup_training, train_step
+
+    cfg = load_config("tiny", ["train.weight_decay=0.5"])
+    model = build()
+    state = setup_training(model, cfg)
+    decay = {id(p): g["weight_decay"] for g in state.optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = 0.0 if (p.dim() == 1 or "projector" in name) else 0.5
+        assert decay[id(p)] == expected, name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = random_batch(gen, 4, 32, 512, 16, 32)
+        batch["image_mask"][:] = False
+        batch["image_embeddings"] = batch["image_embeddings"][:0]
+        microbatches = split_microbatches(batch, 2)
+        train_step(state, iter(microbatches), len(microbatches), cfg)
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name], p) == ("projector" in name), name

@@ -218,3 +218,20 @@ def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_pat
     from megatron_vlm.training.schedule import LRSchedule
 
     assert first_image_lr == pytest.approx(LRSchedule.warmup_cosine(10, 0, 3e-3, 1e-5).lr(8))
+
+
+def test_projector_ablation_starts_from_the_text_run_decoder(text_run, tmp_path):
+    """A linear projector cannot take the text run's 2-layer projector weights: the decoder
+    alone loads (and, without load_parts=decoder, the mismatch is one clear error)."""
+    common = ["data.kind=random", "train.train_iters=2", "model.projector.type=linear",
+              f"checkpoint.load={text_run}/checkpoints/step_0000008", "schedule.mode=continue",
+              "checkpoint.load_optimizer=false"]
+    whole = entry("pretrain_vlm.py", *common, f"output_dir={tmp_path}/a")
+    assert whole.returncode == 2 and "does not fit the model" in whole.stderr
+    decoder = entry("pretrain_vlm.py", *common, "checkpoint.load_parts=decoder",
+                    "checkpoint.save_fractions=[1.0]", f"output_dir={tmp_path}/b")
+    assert decoder.returncode == 0, decoder.stderr[-3000:]
+    assert "decoder weights only" in decoder.stderr
+    with_optimizer = entry("pretrain_vlm.py", *common[:-1], "checkpoint.load_parts=decoder",
+                           f"output_dir={tmp_path}/c")
+    assert with_optimizer.returncode == 2 and "load_optimizer=false" in with_optimizer.stderr

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -76,8 +77,9 @@ def _set_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model, optimizer, with_optimizer: bool, with_rng: bool, is_loading: bool) -> dict:
-    model_sd = unwrap(model).sharded_state_dict()
+def _sharded_state(model, optimizer, with_optimizer: bool, with_rng: bool, is_loading: bool,
+                   prefix: str = "") -> dict:
+    model_sd = {k: v for k, v in unwrap(model).sharded_state_dict().items() if k.startswith(prefix)}
     state: dict[str, Any] = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -108,16 +110,41 @@ def save_checkpoint(directory: str | Path, model, optimizer, common: dict) -> Pa
     return directory
 
 
-def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool = True) -> dict:
+PARTS = {"all": "", "decoder": "language_model."}
+
+
+def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool = True,
+                    parts: str = "all") -> dict:
     """Loads a checkpoint saved at any TP/PP layout; returns its ``common`` dict.
 
-    ``optimizer=None`` loads the weights only (e.g. starting a new stage from a text run).
+    ``optimizer=None`` loads the weights only (e.g. starting a new stage from a text run);
+    ``parts="decoder"`` loads the language model only (the other parts keep their weights).
     """
+    if parts not in PARTS:
+        raise ValueError(f"parts={parts!r} is not one of {', '.join(PARTS)}")
+    if parts != "all" and optimizer is not None:
+        raise ValueError("a partial load cannot restore the optimizer state")
     directory = resolve_checkpoint(directory)
     common = read_common(directory)
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, optimizer is not None, with_rng, True), str(directory))
-    unwrap(model).load_state_dict(state["model"], strict=True)
+    prefix = PARTS[parts]
+    try:
+        state = dist_checkpointing.load(
+            _sharded_state(model, optimizer, optimizer is not None, with_rng, True, prefix),
+            str(directory))
+    except (Exception, CheckpointException) as err:
+        # torch's CheckpointException (a BaseException) wraps megatron's KeyError naming the
+        # first model key the checkpoint lacks.
+        absent = re.search(r"([\w./]+) from model not in state dict", str(err))
+        if absent is None:
+            raise
+        hint = "" if parts != "all" else " (checkpoint.load_parts=decoder loads the language model only)"
+        raise ValueError(f"checkpoint {directory} does not fit the model: it has no "
+                         f"{absent.group(1)}{hint}") from None
+    missing, unexpected = unwrap(model).load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if k.startswith(prefix)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not fit the model: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if with_rng:

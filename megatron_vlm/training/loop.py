@@ -159,10 +159,12 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         logger.info("resumed from %s at step %d", resume, start)
     elif cfg.checkpoint.load:
         optimizer = state.optimizer if cfg.checkpoint.load_optimizer else None
-        ckpt.load_checkpoint(cfg.checkpoint.load, state.model, optimizer, with_rng=False)
+        ckpt.load_checkpoint(cfg.checkpoint.load, state.model, optimizer, with_rng=False,
+                             parts=cfg.checkpoint.load_parts)
         if optimizer is None:
             state.optimizer.reload_model_params()
-        logger.info("started from %s (weights%s)", ckpt.resolve_checkpoint(cfg.checkpoint.load),
+        what = "decoder weights" if cfg.checkpoint.load_parts == "decoder" else "weights"
+        logger.info("started from %s (%s%s)", ckpt.resolve_checkpoint(cfg.checkpoint.load), what,
                     " and optimizer state" if optimizer is not None else " only")
     state.step = start
 

@@ -486,7 +486,8 @@ def apply_lr(optimizer, lr: float) -> int:
         raise TypeError(f"{type(optimizer).__name__} has no param_groups")
     count = 0
     for group in groups:
-        group["lr"] = lr
+        # megatron-core's parameter groups may scale the LR (``lr_mult``); torch's have none.
+        group["lr"] = lr * group.get("lr_mult", 1.0)
         count += 1
     return count
 

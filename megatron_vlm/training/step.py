@@ -17,7 +17,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamGroupOverride,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.config import DATA_SOURCES as SOURCE_ORDER
@@ -56,7 +62,18 @@ def setup_training(model, cfg) -> TrainState:
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    optimizer = get_megatron_optimizer(optimizer_config(cfg), [ddp_model])
+    opt_config = optimizer_config(cfg)
+    overrides = get_standard_config_overrides(opt_config)  # no decay for biases and gains
+    # The projector idles through text-only stages (no image, no gradient); decoupled weight
+    # decay alone would shrink it to zero there over a long run. Without decay an idle
+    # parameter gets no Adam update at all, and the parameter groups stay the same in every
+    # stage, so optimizer state carries over from a text run to image-text training.
+    overrides[ParamKey(name="*projector.*")] = ParamGroupOverride(wd_mult=0.0)
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
+    # megatron's own LR scheduler is what turns wd_mult into each group's decay; this project
+    # sets LRs itself (training/schedule.py), so apply the multipliers here, once.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.train.weight_decay * group.get("wd_mult", 1.0)
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
