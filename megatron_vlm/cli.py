@@ -58,7 +58,8 @@ def log_summary(log, prog: str, summary) -> None:
 
 def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = False) -> None:
     """The whole of pretrain_vlm.py / finetune_vlm.py: config from a YAML file or recipe plus
-    ``key=value`` overrides (``defaults`` first, so the user's win), then the training loop."""
+    ``key=value`` overrides, then the training loop. ``defaults`` (key=value) adjust a
+    ``--recipe`` only; a YAML file is used as written."""
 
     def main(argv=None) -> int:
         import argparse
@@ -80,7 +81,10 @@ def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = Fa
             source = args.recipe
         if source is None:
             parser.error("give a config YAML file or --recipe NAME")
-        cfg = load_config(source, [*defaults, *args.overrides])
+        # Stage defaults adjust a scale recipe (which describes pre-training); a YAML file given
+        # by the user is taken as written, and key=value overrides win over both.
+        stage_defaults = list(defaults) if source == args.recipe else []
+        cfg = load_config(source, [*stage_defaults, *args.overrides])
         if require_load and not cfg.checkpoint.load:
             raise ValueError(f"{prog} needs checkpoint.load=PATH (the pre-trained checkpoint)")
         from megatron_vlm.training.loop import train
