@@ -173,6 +173,9 @@ def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
     no_meta = entry("pretrain_vlm.py", "data.kind=random", f"checkpoint.load={bare}",
                     "schedule.mode=continue", f"output_dir={tmp_path}/b")
     assert no_meta.returncode == 2 and "no schedule metadata" in no_meta.stderr
+    other_vocab = entry("pretrain_vlm.py", "data.kind=random", "model.decoder.vocab_size=640",
+                        f"checkpoint.load={text_run}", f"output_dir={tmp_path}/e")
+    assert other_vocab.returncode == 2 and "model.decoder.vocab_size=512" in other_vocab.stderr
     needs_load = entry("finetune_vlm.py", "data.kind=random", f"output_dir={tmp_path}/c")
     assert needs_load.returncode == 2 and "checkpoint.load" in needs_load.stderr
     try:

@@ -126,6 +126,9 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool
         raise ValueError("a partial load cannot restore the optimizer state")
     directory = resolve_checkpoint(directory)
     common = read_common(directory)
+    if optimizer is not None and common.get("contents") == ["model"]:
+        raise ValueError(f"checkpoint {directory} holds weights only (e.g. a converted one): set "
+                         "checkpoint.load_optimizer=false")
     prefix = PARTS[parts]
     try:
         state = dist_checkpointing.load(
@@ -150,6 +153,22 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool
     if with_rng:
         _set_rng(state["rng_state"])
     return common
+
+
+DECODER_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                 "ffn_hidden_size")
+
+
+def check_decoder_matches(common: dict, decoder_cfg, directory) -> None:
+    """Stops when a checkpoint's decoder shape differs from the run's: megatron-core would load
+    a different vocabulary size silently (dropping or zero-filling rows)."""
+    saved = (common.get("config") or {}).get("model", {}).get("decoder")
+    if not saved:
+        return
+    for key in DECODER_SHAPE:
+        if key in saved and saved[key] is not None and saved[key] != getattr(decoder_cfg, key):
+            raise ValueError(f"checkpoint {directory} has model.decoder.{key}={saved[key]} but this "
+                             f"run has {getattr(decoder_cfg, key)}")
 
 
 def read_common(directory: str | Path) -> dict:

@@ -131,6 +131,8 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
 
     # Checks that need no model: a bad path or schedule stops here, before any work.
     parent_common = ckpt.read_common(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if parent_common is not None:
+        ckpt.check_decoder_matches(parent_common, cfg.model.decoder, cfg.checkpoint.load)
     schedule = build_schedule(cfg, parent_common)
 
     _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes)
