@@ -24,20 +24,5 @@ fi
 NPROC=${NPROC:-8}
 STAGES=${STAGES:-"text image_text finetune"}
 
-stage() {   # stage NAME COMMAND...: run COMMAND when NAME is in $STAGES
-  local name=$1
-  shift
-  [[ " $STAGES " == *" $name "* ]] || return 0
-  echo "=== stage $name: $*"
-  "$@"
-}
-
-stage text torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/text.yaml "$@"
-stage image_text torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/image_text.yaml "$@"
-stage image_text_rewarmup torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/image_text_rewarmup.yaml "$@"
-stage image_text_scratch torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/image_text_scratch.yaml "$@"
-stage finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/79m/finetune.yaml "$@"
-stage ablation_projector_linear torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/ablation_projector_linear.yaml "$@"
-stage ablation_projector_linear_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/79m/ablation_projector_linear_finetune.yaml "$@"
-stage ablation_unfrozen_encoder torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/79m/ablation_unfrozen_encoder.yaml "$@"
-stage ablation_unfrozen_encoder_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/79m/ablation_unfrozen_encoder_finetune.yaml "$@"
+source examples/stages.sh
+run_training_stages 79m "$@"

@@ -26,26 +26,10 @@ NPROC=${NPROC:-1}
 STAGES=${STAGES:-"data text image_text image_text_rewarmup image_text_scratch finetune"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-stage() {   # stage NAME COMMAND...: run COMMAND when NAME is in $STAGES
-  local name=$1
-  shift
-  [[ " $STAGES " == *" $name "* ]] || return 0
-  echo "=== stage $name: $*"
-  local start=$SECONDS
-  "$@"
-  echo "=== stage $name done in $((SECONDS - start)) s"
-}
+source examples/stages.sh
 
 stage data python -c "from megatron_vlm.data.prepare import prepare_shapesworld; prepare_shapesworld('runs/tiny_cpu/data', quiet=True)"
-stage text torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/text.yaml "$@"
-stage image_text torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/image_text.yaml "$@"
-stage image_text_rewarmup torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/image_text_rewarmup.yaml "$@"
-stage image_text_scratch torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/image_text_scratch.yaml "$@"
-stage finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/tiny_cpu/finetune.yaml "$@"
-stage ablation_projector_linear torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/ablation_projector_linear.yaml "$@"
-stage ablation_projector_linear_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/tiny_cpu/ablation_projector_linear_finetune.yaml "$@"
-stage ablation_unfrozen_encoder torchrun --standalone --nproc_per_node "$NPROC" pretrain_vlm.py examples/tiny_cpu/ablation_unfrozen_encoder.yaml "$@"
-stage ablation_unfrozen_encoder_finetune torchrun --standalone --nproc_per_node "$NPROC" finetune_vlm.py examples/tiny_cpu/ablation_unfrozen_encoder_finetune.yaml "$@"
+run_training_stages tiny_cpu "$@"
 
 # Loss at the start and the end of each run (means over its first and last 3 steps), overall
 # and per source, from the metrics.jsonl every run writes.
