@@ -208,12 +208,21 @@ def test_launch_scripts(scale):
         assert proc.returncode == 0, proc.stderr
     text = run.read_text()
     assert re.search(r'^NPROC=\$\{NPROC:-%d\}$' % (1 if scale == "tiny_cpu" else 8), text, re.M)
-    # Every config has its stage line, with the right entry point.
-    for path in sorted((EXAMPLES / scale).glob("*.yaml")):
-        entry = "finetune_vlm.py" if path.stem.endswith("finetune") else "pretrain_vlm.py"
-        line = (f'stage {path.stem} torchrun --standalone --nproc_per_node "$NPROC" {entry} '
-                f'examples/{scale}/{path.name} "$@"')
-        assert line in text, line
+    assert f'run_training_stages {scale} "$@"' in text
+    # Every config has its stage, launched with the right entry point: run the stages with a
+    # stand-in torchrun that prints its arguments.
+    stems = sorted(p.stem for p in (EXAMPLES / scale).glob("*.yaml"))
+    script = (f'NPROC=8 STAGES="{" ".join(stems)}"; torchrun() {{ echo "torchrun $*"; }}; '
+              f'source examples/stages.sh; run_training_stages {scale} key=value')
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    launched = [l for l in proc.stdout.splitlines() if l.startswith("torchrun ")]
+    for stem in stems:
+        entry = "finetune_vlm.py" if stem.endswith("finetune") else "pretrain_vlm.py"
+        line = (f"torchrun --standalone --nproc_per_node 8 {entry} "
+                f"examples/{scale}/{stem}.yaml key=value")
+        assert line in launched, (line, launched)
+    assert len(launched) == len(stems)
     assert "#SBATCH --nodes=" in sbatch.read_text() and "--rdzv_endpoint" in sbatch.read_text()
 
 
