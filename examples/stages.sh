@@ -3,6 +3,11 @@
 # examples/<scale>/<stage>.yaml (fine-tuning stages through finetune_vlm.py) and the
 # key=value overrides given to run.sh.
 
+# The project's environment, unless one is active (run.sh has cd'ed to the repository root).
+if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
+  source .venv/bin/activate
+fi
+
 TRAINING_STAGES="text image_text image_text_rewarmup image_text_scratch finetune
   ablation_projector_linear ablation_projector_linear_finetune
   ablation_unfrozen_encoder ablation_unfrozen_encoder_finetune"

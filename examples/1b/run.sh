@@ -17,9 +17,6 @@
 # when run again. For several nodes use slurm.sbatch.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root: run directories are relative to it
-if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
-  source .venv/bin/activate
-fi
 
 NPROC=${NPROC:-8}
 STAGES=${STAGES:-"text image_text finetune"}

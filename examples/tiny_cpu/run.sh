@@ -18,9 +18,6 @@
 # *_finetune runs) are not in the default STAGES: see README.md for their status.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root: config paths are relative to it
-if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
-  source .venv/bin/activate
-fi
 
 NPROC=${NPROC:-1}
 STAGES=${STAGES:-"data text image_text image_text_rewarmup image_text_scratch finetune"}

@@ -42,6 +42,7 @@ import torch
 
 from megatron_vlm.convert import openlm
 from megatron_vlm.convert.metadata import ScheduleArgs, check_tokenizer, schedule_metadata
+from megatron_vlm.training.checkpointing import is_rank0
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -215,45 +216,12 @@ def _check_output(output: Path, overwrite: bool) -> None:
                              "replace it)")
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def save_weights_checkpoint(model, output: Path, common: dict) -> Path:
     """Saves ``{"model": sharded state dict}`` and ``common.json`` to ``output`` atomically
-    (through ``output.tmp``); every rank must call it."""
-    from megatron.core import dist_checkpointing
+    (the training checkpoints' writer, weights only); every rank must call it."""
+    from megatron_vlm.training.checkpointing import save_checkpoint
 
-    from megatron_vlm.training.checkpointing import COMMON, unwrap
-
-    output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save({"model": unwrap(model).sharded_state_dict()}, str(tmp))
-    _barrier()
-    if _rank0():
-        text = json.dumps(common, indent=1, sort_keys=True, default=str)
-        with open(tmp / COMMON, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    _barrier()
-    return output
+    return save_checkpoint(output, model, None, common, update_latest=False)
 
 
 def _load_projector_file(path: str) -> dict[str, torch.Tensor]:
@@ -301,7 +269,7 @@ def convert_openlm(input_path: str | os.PathLike, output_dir: str | os.PathLike,
 
     # Every rank reads the (memory-mapped) input; only rank 0 writes common.json, so only it
     # hashes the files.
-    state, info = openlm.read_openlm(input_path, hash_files=hash_files and _rank0())
+    state, info = openlm.read_openlm(input_path, hash_files=hash_files and is_rank0())
     heads = num_heads or openlm.heads_from_config(info.config)
     shape = openlm.infer_shape(state, heads)
     logger.info("OpenLM checkpoint %s (%s): %d layers, d_model %d, %d heads, ffn %d, vocab %d, "

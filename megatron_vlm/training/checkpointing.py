@@ -37,7 +37,7 @@ def unwrap(model):
     return model
 
 
-def _rank0() -> bool:
+def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -88,24 +88,31 @@ def _sharded_state(model, optimizer, with_optimizer: bool, with_rng: bool, is_lo
     return state
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, common: dict) -> Path:
-    """Saves the full training state to ``directory`` atomically (every rank must call it)."""
+def save_checkpoint(directory: str | Path, model, optimizer, common: dict,
+                    update_latest: bool = True) -> Path:
+    """Saves the training state to ``directory`` atomically (every rank must call it).
+
+    ``optimizer=None`` saves the weights only, without RNG states (e.g. a converted
+    checkpoint); ``update_latest`` points the parent directory's ``latest`` file at it.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    if _rank0():
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, True, True, False), str(tmp))
+    full = optimizer is not None
+    dist_checkpointing.save(_sharded_state(model, optimizer, full, full, False), str(tmp))
     _barrier()
-    if _rank0():
+    if is_rank0():
         _write_json(tmp / COMMON, common)
         _fsync_dir(tmp)
         if directory.exists():  # a checkpoint of the same step from an earlier, resumed run
             shutil.rmtree(directory)
         os.replace(tmp, directory)
         _fsync_dir(directory.parent)
-        _write_text_atomic(directory.parent / LATEST, directory.name)
+        if update_latest:
+            _write_text_atomic(directory.parent / LATEST, directory.name)
     _barrier()
     return directory
 
@@ -206,7 +213,7 @@ def latest_checkpoint(directory: str | Path) -> Optional[Path]:
 def prune_checkpoints(directory: str | Path, keep_last: int, keep: set[str]) -> None:
     """Deletes all but the ``keep_last`` newest step checkpoints, except those named in ``keep``;
     leftovers of interrupted writes (``*.tmp``) go too."""
-    if not _rank0():
+    if not is_rank0():
         return
     directory = Path(directory)
     steps = sorted(p for p in directory.iterdir() if STEP_DIR.match(p.name))
