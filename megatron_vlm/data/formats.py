@@ -42,6 +42,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_vlm.fsutil import TMP_SUFFIX, write_json_atomic
+from megatron_vlm.fsutil import fsync_dir as _fsync_dir
+
 logger = logging.getLogger("megatron_vlm.data.formats")
 
 if sys.byteorder != "little":  # the formats are little-endian and read by memory-mapping
@@ -55,7 +58,6 @@ FORMAT_VERSION = 1
 EMBEDDING_DTYPES = ("bf16", "fp8")
 # Largest finite float8 e4m3fn value; per-row scales map each row's absolute maximum onto it.
 FP8_E4M3_MAX = 448.0
-TMP_SUFFIX = ".tmp"
 _LOCK_NAME = ".writer.lock"
 _HASH_CHUNK = 1 << 22
 
@@ -73,37 +75,12 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` via a fsync'd temp file and ``os.replace``."""
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _read_json(path: str) -> Any:

@@ -25,6 +25,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_vlm.fsutil import fsync_dir, write_json_atomic, write_text_atomic
+
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 COMMON = "common.json"
@@ -105,14 +107,13 @@ def save_checkpoint(directory: str | Path, model, optimizer, common: dict,
     dist_checkpointing.save(_sharded_state(model, optimizer, full, full, False), str(tmp))
     _barrier()
     if is_rank0():
-        _write_json(tmp / COMMON, common)
-        _fsync_dir(tmp)
+        write_json_atomic(tmp / COMMON, common, sort_keys=True, default=str)
         if directory.exists():  # a checkpoint of the same step from an earlier, resumed run
             shutil.rmtree(directory)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         if update_latest:
-            _write_text_atomic(directory.parent / LATEST, directory.name)
+            write_text_atomic(directory.parent / LATEST, directory.name)
     _barrier()
     return directory
 
@@ -244,24 +245,3 @@ def load_model(model, directory: str | Path) -> None:
     inner = unwrap(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory))
     inner.load_state_dict(state, strict=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".writing")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
