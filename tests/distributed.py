@@ -38,3 +38,13 @@ def last_json(stdout: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON line in output:\n{stdout[-3000:]}")
+
+
+def metrics_by_step(run_dir: Path) -> dict:
+    """step -> the metrics line of a training run (the last line of a step winning: a resumed
+    run appends)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record
+    return out

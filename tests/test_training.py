@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from distributed import REPO, free_port
+from distributed import REPO, free_port, metrics_by_step
 
 TINY = ["--recipe", "tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
         "train.seq_length=64"]
@@ -27,15 +27,6 @@ def entry(script, *args, timeout=300, wait=True):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run_dir):
-    """step -> metrics, the last line of each step winning (a resumed run appends)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[record["step"]] = record
-    return out
 
 
 def final_weights(run_dir, step):
@@ -70,7 +61,7 @@ def test_text_run_saves_checkpoints_at_schedule_fractions(text_run):
 def test_continue_mode_cools_down_from_the_checkpoint_lr(text_run, tmp_path):
     from megatron_vlm.training.schedule import LRSchedule
 
-    text = metrics(text_run)
+    text = metrics_by_step(text_run)
     text_schedule = LRSchedule.warmup_cosine(10, 2, 3e-3, 1e-5)
     assert text[9]["lr"] == pytest.approx(text_schedule.lr(8), abs=1e-15)
     proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=6",
@@ -78,7 +69,7 @@ def test_continue_mode_cools_down_from_the_checkpoint_lr(text_run, tmp_path):
                  "checkpoint.save_fractions=[1.0]", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mode=continue" in proc.stderr and "from its step 8/10" in proc.stderr
-    lrs = [m["lr"] for _, m in sorted(metrics(tmp_path).items())]
+    lrs = [m["lr"] for _, m in sorted(metrics_by_step(tmp_path).items())]
     assert lrs[0] == pytest.approx(text_schedule.lr(8), rel=1e-12)  # the text run's LR at 80%
     assert lrs == sorted(lrs, reverse=True)
     # The schedule ends at the text run's final LR: the end-of-run checkpoint records it.
@@ -95,7 +86,7 @@ def test_rewarmup_reaches_its_peak_at_the_end_of_warmup(text_run, tmp_path):
                  f"checkpoint.load={text_run}", "schedule.mode=rewarmup", "schedule.warmup_iters=3",
                  f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lrs = [m["lr"] for _, m in sorted(metrics(tmp_path).items())]
+    lrs = [m["lr"] for _, m in sorted(metrics_by_step(tmp_path).items())]
     assert lrs[:3] == pytest.approx([0.0, 1e-3, 2e-3]) and lrs[3] == pytest.approx(3e-3)
 
 
@@ -118,11 +109,11 @@ def test_sigkill_and_resume_continue_the_same_losses_bitwise(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    assert len(metrics(killed)) < 12
+    assert len(metrics_by_step(killed)) < 12
     proc = entry("pretrain_vlm.py", *args, f"output_dir={killed}")  # the same command resumes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
-    a, b = metrics(straight), metrics(killed)
+    a, b = metrics_by_step(straight), metrics_by_step(killed)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]  # bitwise
     assert [a[s]["lr"] for s in a] == [b[s]["lr"] for s in a]
@@ -212,12 +203,12 @@ def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_pat
     assert "weights only" in proc.stderr and "mode=rewarmup" in proc.stderr
 
     def falls(run, key):
-        values = [m[key] for _, m in sorted(metrics(run).items()) if key in m]
+        values = [m[key] for _, m in sorted(metrics_by_step(run).items()) if key in m]
         return sum(values[-4:]) / 4 < sum(values[:4]) / 4
 
     assert falls(image, "loss/captions")
     assert falls(tuned, "loss/instructions")
-    first_image_lr = metrics(image)[1]["lr"]
+    first_image_lr = metrics_by_step(image)[1]["lr"]
     from megatron_vlm.training.schedule import LRSchedule
 
     assert first_image_lr == pytest.approx(LRSchedule.warmup_cosine(10, 0, 3e-3, 1e-5).lr(8))
