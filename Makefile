@@ -4,6 +4,9 @@
 #                    pyproject.toml has not changed since the last install)
 #   make test        run the test suite (slow and gpu tests are left out; see pyproject.toml)
 #   make quickstart  train the tiny VLM on the CPU and print its losses
+#   make wheelhouse  download what an air-gapped GPU machine installs into wheelhouse/, in copies
+#                    of at most 64 MiB (WHEEL_PYTHON, WHEEL_PLATFORM, WHEEL_TORCH, TE=VERSION|none,
+#                    TE_CUDA; see docs/gpu.md); tools/gpu_check.py installs it there
 #   make clean       remove caches and build leftovers (keeps .venv and runs/)
 #   make distclean   clean, and remove .venv too
 
@@ -13,8 +16,18 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 OFFLINE := HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 PYTEST_ARGS ?=
+# The GPU machine the wheelhouse is for, and the Transformer Engine it brings (TE=none: none).
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64
+WHEEL_TORCH ?= 2.11.0
+TE ?= 2.11.0
+TE_CUDA ?= 13
+WHEELHOUSE ?= wheelhouse
+# The builder needs only pip (and reaches the package index): the project's .venv where there is
+# one, else $(PYTHON).
+WHEEL_BUILDER = $(if $(wildcard $(VPY)),$(VPY),$(PYTHON))
 
-.PHONY: install test quickstart clean distclean
+.PHONY: install test quickstart wheelhouse clean distclean
 
 install: $(STAMP)
 
@@ -29,6 +42,10 @@ test: install
 
 quickstart: install
 	$(OFFLINE) $(VPY) -m megatron_vlm.quickstart
+
+wheelhouse:
+	$(WHEEL_BUILDER) tools/wheelhouse.py --out $(WHEELHOUSE) --python-version $(WHEEL_PYTHON) \
+		--platform $(WHEEL_PLATFORM) --torch $(WHEEL_TORCH) --te $(TE) --te-cuda $(TE_CUDA)
 
 clean:
 	rm -f $(STAMP)

@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_vlm.runtime.distributed import current_device
+from megatron_vlm.training.device_batches import DeviceMicroBatches
+
 CHECKS = ("logits", "grads", "loss", "params", "reload_logits")
 
 
@@ -78,6 +81,12 @@ def _layout_config(base, tp: int, pp: int, distributed_optimizer: bool):
     cfg.parallel.use_distributed_optimizer = distributed_optimizer
     cfg.train.params_dtype = "fp32"
     cfg.train.fp8 = None
+    # Throughput features asked for in the overrides apply to the checked layout where they can;
+    # the TP=PP=DP=1 reference runs without the ones that need a larger layout.
+    if tp == 1:
+        cfg.performance.sequence_parallel = None
+    if not distributed_optimizer:
+        cfg.performance.overlap_param_gather = None
     return cfg
 
 
@@ -88,7 +97,8 @@ def _global_batches(cfg, steps: int) -> list[dict]:
     dec, enc = cfg.model.decoder, cfg.model.encoder
     image_size = enc.image_size if enc.mode == "online" else None
     return [random_batch(gen, cfg.train.global_batch_size, cfg.train.seq_length, dec.vocab_size,
-                         enc.num_image_tokens, enc.embed_dim, image_size=image_size)
+                         enc.num_image_tokens, enc.embed_dim, image_size=image_size,
+                         documents=cfg.data.caption_fill == "text")
             for _ in range(steps)]
 
 
@@ -116,7 +126,8 @@ class _Phase:
         self.cfg = cfg
         self.batch_share = batch_share
         initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                   timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.seed)
+                   timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.seed,
+                   device=cfg.parallel.device)
         self.model = build_model(cfg)
         self.state = setup_training(self.model, cfg)
 
@@ -129,8 +140,10 @@ class _Phase:
 
     def save(self, directory) -> None:
         from megatron_vlm.training.checkpointing import save_model
+        from megatron_vlm.training.loop import synced_parameters
 
-        save_model(self.model, directory)
+        with synced_parameters(self.state.model):
+            save_model(self.model, directory)
 
     def microbatches(self, batch) -> list[dict]:
         return self.batch_share(batch, self.cfg)[0]
@@ -145,36 +158,44 @@ class _Phase:
         def step(data_iterator, model):
             mb = next(data_iterator)
             out = model(tokens=mb["tokens"], image_mask=mb["image_mask"],
-                        image_embeddings=mb.get("image_embeddings"), images=mb.get("images"))
+                        image_embeddings=mb.get("image_embeddings"), images=mb.get("images"),
+                        segment_ids=mb.get("segment_ids"), cu_seqlens=mb.get("cu_seqlens"),
+                        max_seqlen=mb.get("max_seqlen"))
             return out, lambda output, non_loss_data=True: gather_from_tensor_model_parallel_region(output).detach()
 
+        from megatron_vlm.training.step import pipeline_shape
+
         mbs, first_row = self.batch_share(batch, self.cfg)
+        seq_length, micro_batch_size = pipeline_shape(self.cfg, self.model)
         with torch.no_grad():
             data = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter(mbs), model=[self.state.model],
-                num_microbatches=len(mbs), seq_length=self.cfg.train.seq_length,
-                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,
+                forward_step_func=step, data_iterator=DeviceMicroBatches(mbs, current_device()),
+                model=[self.state.model],
+                num_microbatches=len(mbs), seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True,
                 collect_non_loss_data=True)
         if not parallel_state.is_pipeline_last_stage():
             return None
-        return torch.cat(data, dim=0), first_row
+        return torch.cat(data, dim=0).cpu(), first_row
 
     def gradients(self, batch) -> dict[str, torch.Tensor]:
         """Mean gradients of one global batch by parameter name (no optimizer step)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_vlm.training.step import forward_step
+        from megatron_vlm.training.step import forward_step, pipeline_shape
 
         model = self.state.model
         model.zero_grad_buffer()
         mbs = self.microbatches(batch)
+        seq_length, micro_batch_size = pipeline_shape(self.cfg, self.model)
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(mbs), model=[model],
-            num_microbatches=len(mbs), seq_length=self.cfg.train.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
+            forward_step_func=forward_step,
+            data_iterator=DeviceMicroBatches(mbs, current_device()), model=[model],
+            num_microbatches=len(mbs), seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=False)
         if self.cfg.parallel.use_distributed_optimizer:
             _gather_reduce_scattered_grads(model)
-        grads = {name: p.main_grad.detach().clone()
+        grads = {name: p.main_grad.detach().to("cpu", copy=True)
                  for name, p in self.model.named_parameters() if p.requires_grad}
         model.zero_grad_buffer()
         return grads
@@ -322,7 +343,8 @@ def main(argv=None) -> int:
         # Every rank must use the same directory: rank 0 picks it and the others read it.
         from megatron_vlm.runtime.distributed import init_process_group_only
 
-        init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+        init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes,
+                                cfg.parallel.device)
         holder = [tempfile.mkdtemp(prefix="check_parallel_") if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(holder, src=0)
         workdir = Path(holder[0])

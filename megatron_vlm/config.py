@@ -39,6 +39,8 @@ CUSTOM_ENCODER = "custom"
 PARAMS_DTYPES = ("fp32", "bf16")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("cuda", "cpu")
+RECOMPUTE = ("none", "selective", "full")
 RECIPES_PACKAGE = "megatron_vlm.recipes"
 DATA_KINDS = ("random", "blend")
 DATA_SOURCES = ("text", "captions", "instructions")
@@ -240,15 +242,23 @@ class ParallelConfig(_Section):
     """Data-parallel size; null means world_size // (tensor_parallel * pipeline_parallel)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over the data-parallel ranks (megatron-core distributed optimizer)."""
+    device: str = "cuda"
+    """Where the run computes: 'cuda' (this host's GPUs; the run stops with one clear line when
+    none is visible) or 'cpu' (CPU mode: gloo, megatron-core's CUDA requests redirected to the
+    CPU; for tests, the quickstart and the tiny recipe). Never chosen silently."""
     backend: str = "auto"
-    """Process-group backend: 'auto' (nccl with CUDA, gloo otherwise), 'nccl' or 'gloo'."""
+    """Process-group backend: 'auto' (nccl for parallel.device=cuda, gloo for cpu), 'nccl' or
+    'gloo'."""
     timeout_minutes: int = 10
     """Timeout of collectives, so that a hung rank fails instead of stalling."""
 
     def _check(self) -> None:
         self._check_positive("tensor_parallel", "pipeline_parallel", "data_parallel",
                              "timeout_minutes")
+        self._check_choice("device", DEVICES)
         self._check_choice("backend", BACKENDS)
+        if self.device == "cpu" and self.backend == "nccl":
+            self._fail("backend", "needs CUDA: parallel.device is 'cpu' (use gloo or auto)")
 
 
 @dataclass
@@ -282,7 +292,9 @@ class TrainConfig(_Section):
     params_dtype: str = "fp32"
     """Parameter and compute dtype: 'fp32' or 'bf16' (with fp32 main weights in the optimizer)."""
     fp8: Optional[str] = None
-    """FP8 format: null, 'hybrid' or 'e4m3' (needs Transformer Engine and a Hopper GPU)."""
+    """FP8 format of the decoder's transformer layers: null, 'hybrid' or 'e4m3' (needs Transformer
+    Engine and a Hopper GPU). The projector, embeddings and output layer stay in params_dtype
+    (the projector's image rows do not meet FP8's shape rules)."""
     log_interval: int = 1
     """Log metrics every this many steps."""
     wandb_project: Optional[str] = None
@@ -336,7 +348,8 @@ class DataConfig(_Section):
     caption_fill: str = "pad"
     """What fills a caption sequence after its EOS: 'pad' (no loss; padding counts for no
     source) or 'text' (documents from data.text packed in, loss on them, attention kept inside
-    each document; the whole caption sequence then counts toward the caption source)."""
+    each document; the whole caption sequence then counts toward the caption source). With
+    data.kind=random, 'text' cuts every random row into documents the same way."""
     seed: int = 1234
     """Seed of the blend index and of per-source shuffling."""
     num_workers: int = 2
@@ -405,6 +418,51 @@ class ScheduleConfig(_Section):
 
 
 @dataclass
+class PerformanceConfig(_Section):
+    """Throughput features. null means 'on where this run can use it' (a CUDA run; some need
+    Transformer Engine); true asks for it and stops with one clear line where it cannot run;
+    false turns it off. What each resolved to is logged at start."""
+
+    _PATH = "performance"
+
+    sequence_parallel: Optional[bool] = None
+    """Split the sequence over the tensor-parallel ranks outside attention and the MLP (saves
+    activation memory and turns all-reduces into reduce-scatter/all-gather). null: on when
+    parallel.tensor_parallel > 1 on CUDA. Needs train.seq_length divisible by tensor_parallel."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Reduce gradients over data-parallel ranks in buckets while the backward pass still runs.
+    null: on for CUDA runs with more than one data-parallel rank."""
+    overlap_param_gather: Optional[bool] = None
+    """With the distributed optimizer, gather updated parameters during the next forward pass.
+    null: on for CUDA runs that use parallel.use_distributed_optimizer with more than one
+    data-parallel rank; true needs the distributed optimizer."""
+    bias_swiglu_fusion: Optional[bool] = None
+    """Fused SwiGLU activation (megatron-core's jit-fused kernel). null: on for CUDA runs."""
+    rope_fusion: Optional[bool] = None
+    """Fused rotary embedding (Transformer Engine's kernel). null: on with the TE layer spec."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Accumulate weight gradients straight into the fp32 main-grad buffers inside the GEMM
+    (Transformer Engine's linear layers). null: on with the TE layer spec."""
+    cross_entropy_fusion: Optional[bool] = None
+    """Fused vocabulary-parallel cross-entropy (Transformer Engine's where present, else
+    megatron-core's). null: on for CUDA runs."""
+    packed_documents: Optional[bool] = None
+    """How document attention (data.caption_fill=text) reaches the attention kernel: true packs
+    the documents into megatron's packed-sequence layout (cu_seqlens; the only form the
+    Transformer Engine attention honours), false builds a dense mask (the local spec's SDPA).
+    null: packed with the TE layer spec, dense otherwise."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (recompute the core attention in the
+    backward pass) or 'full' (recompute whole layers, see recompute_num_layers)."""
+    recompute_num_layers: int = 1
+    """With recompute 'full': layers per recomputed chunk (megatron's uniform method)."""
+
+    def _check(self) -> None:
+        self._check_choice("recompute", RECOMPUTE)
+        self._check_positive("recompute_num_layers")
+
+
+@dataclass
 class CheckpointConfig(_Section):
     """Saving, loading and resuming (megatron-core distributed checkpoints)."""
 
@@ -427,6 +485,10 @@ class CheckpointConfig(_Section):
     """Interval checkpoints to keep (fraction checkpoints are always kept)."""
     resume: bool = True
     """Resume from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one."""
+    async_save: Optional[bool] = None
+    """Write checkpoints in the background while training goes on (megatron-core's
+    asynchronous save); a checkpoint counts as saved once every rank has finished writing it.
+    null: on for CUDA runs, off in CPU mode."""
 
     def _check(self) -> None:
         self._check_choice("load_parts", LOAD_PARTS)
@@ -460,6 +522,8 @@ class RunConfig(_Section):
     """Training data."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule."""
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Throughput features (fusions, overlap, sequence parallelism, recomputation)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
 

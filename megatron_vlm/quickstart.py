@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training.loop import train
 
-    _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes,
+                                                cfg.parallel.device)
     if args.data == "shapesworld":
         from megatron_vlm.data.prepare import PreparedData, prepare_shapesworld
 
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.recipe, ["data.kind=blend", *prepared.overrides(), *overrides])
 
     start = time.perf_counter()
-    history = train(cfg)
+    # steps that logged (every step unless train.log_interval says otherwise)
+    history = [h for h in train(cfg) if "loss" in h]
     elapsed = time.perf_counter() - start
     if rank == 0:
         _print_table(cfg, world, history, elapsed)
@@ -68,10 +70,10 @@ def _print_table(cfg, world: int, history, elapsed: float) -> None:
     print(f"\nquickstart: {cfg.name} VLM, TP={tp} PP={pp} DP={world // (tp * pp)}, "
           f"{'GPU' if torch.cuda.is_available() else 'CPU'}, data: {cfg.data.kind}")
     print(f"{'step':>6} {'loss':>9}" + "".join(f" {s:>13}" for s in sources))
-    for i, h in enumerate(history, 1):
+    for h in history:
         cells = "".join(f" {h[f'loss/{s}']:>13.4f}" if f"loss/{s}" in h else f" {'-':>13}"
                         for s in sources)
-        print(f"{i:>6} {h['loss']:>9.4f}{cells}")
+        print(f"{h['step']:>6} {h['loss']:>9.4f}{cells}")
     first, last = history[0]["loss"], history[-1]["loss"]
     print(f"loss {first:.4f} -> {last:.4f} in {elapsed:.1f} s including start-up "
           f"({tokens / elapsed:,.0f} sequence positions/s); metrics in "

@@ -30,3 +30,30 @@ def runtime():
     info = initialize(1, 1, seed=7)
     yield info
     shutdown()
+
+
+@pytest.fixture(scope="module")
+def cuda_runtime():
+    """megatron parallel state for one process on the current GPU (tests/gpu, marker ``gpu``):
+    fails, not skips, without a GPU, since the GPU check exists to prove that path."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a visible CUDA device")
+    from distributed import free_port
+    from megatron_vlm.runtime import initialize, shutdown
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    info = initialize(1, 1, seed=3, device="cuda")
+    assert info.device.type == "cuda" and not info.cpu_mode
+    yield info
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def transformer_engine(cuda_runtime):
+    """Transformer Engine on the GPU machine (its absence fails the TE tests)."""
+    from megatron_vlm.runtime import has_transformer_engine
+
+    assert has_transformer_engine(), "Transformer Engine must import on the GPU machine"
+    return True

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_vlm.config import load_config
+from megatron_vlm.data.batch import attention_mask_from_segments, document_boundaries
 
 N_IMG, D_ENC = 16, 32
 
@@ -71,7 +72,8 @@ def steps(loader, n):
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+        assert same, k
 
 
 def test_blend_meets_ratios_and_batches_follow_the_contract(world):
@@ -149,15 +151,16 @@ def test_caption_fill_text_packs_documents_with_their_own_attention(world):
     seen = 0
     for mbs in steps(loader, 4):
         for mb in mbs:
-            assert mb["attention_mask"].shape == (cfg.train.micro_batch_size, 1,
-                                                 cfg.train.seq_length, cfg.train.seq_length)
+            assert "attention_mask" not in mb  # built on the device by the model
+            masks = attention_mask_from_segments(mb["segment_ids"])
+            assert torch.equal(mb["cu_seqlens"], document_boundaries(mb["segment_ids"])[0])
             for row in range(mb["tokens"].shape[0]):
                 if int(mb["source_ids"][row]) != 1:  # SOURCE_ORDER index of captions
                     continue
                 seen += 1
                 seg = mb["segment_ids"][row]
                 assert int(seg.max()) >= 1 and int((seg == -1).sum()) == 0  # filled, no padding
-                mask = mb["attention_mask"][row, 0]
+                mask = masks[row, 0]
                 first_filler = int((seg >= 1).nonzero()[0])
                 assert bool(mask[first_filler, :first_filler].all())  # cannot see the caption
                 assert mb["loss_mask"][row, first_filler:].sum() > 0

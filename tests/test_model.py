@@ -85,7 +85,7 @@ def test_image_positions_carry_projector_output_and_text_positions_token_embeddi
     embeddings = torch.randn(2, n_img, 32)
     positions = torch.arange(s).unsqueeze(0).expand(b, s)
     with torch.no_grad():
-        spliced = model.embed(tokens, positions, image_mask, embeddings, None).transpose(0, 1)
+        spliced = model.embed(tokens, image_mask, embeddings, None).transpose(0, 1)
         text = model.language_model.embedding(input_ids=tokens, position_ids=positions).transpose(0, 1)
         projected = model.image_features(embeddings, None)
     torch.testing.assert_close(spliced[0, 2:2 + n_img], projected[0])
@@ -95,21 +95,33 @@ def test_image_positions_carry_projector_output_and_text_positions_token_embeddi
 
 
 def test_bad_image_batches_get_clear_errors(runtime):
+    """Counts are checked where batches are assembled (check_batch, on the CPU), so the forward
+    needs no host synchronisation; shapes are checked in the model."""
+    from megatron_vlm.data.batch import check_batch
+
     model = build()
     tokens = torch.randint(0, 512, (2, 40))
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[0, :15] = True  # one position short of an image
-    with pytest.raises(ValueError, match=r"counts \[15\]"):
-        model(tokens, image_mask=mask, image_embeddings=torch.randn(1, 16, 32))
+
+    def batch(**images):
+        return {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 40),
+                "image_mask": mask, **images}
+
+    with pytest.raises(ValueError, match=r"rows \[0\] have \[15\] image positions"):
+        check_batch(batch(image_embeddings=torch.randn(1, 16, 32)), 16)
     mask[0, :16] = True
-    with pytest.raises(ValueError, match="2 images"):
-        model(tokens, image_mask=mask, image_embeddings=torch.randn(2, 16, 32))
+    with pytest.raises(ValueError, match="marks 1 rows with image positions but 2 images"):
+        check_batch(batch(image_embeddings=torch.randn(2, 16, 32)), 16)
+    with pytest.raises(ValueError, match="but 0 images"):
+        check_batch(batch(), 16)
+    with pytest.raises(ValueError, match=r"expected \[k, 16, d_enc\]"):
+        check_batch(batch(image_embeddings=torch.randn(1, 9, 32)), 16)
+    check_batch(batch(image_embeddings=torch.randn(1, 16, 32)), 16)  # the good one passes
     with pytest.raises(ValueError, match=r"expected \[k, 16, d_enc\]"):
         model(tokens, image_mask=mask, image_embeddings=torch.randn(1, 9, 32))
     with pytest.raises(ValueError, match="precomputed"):
         model(tokens, image_mask=mask, images=torch.randn(1, 3, 56, 56))
-    with pytest.raises(ValueError, match="no images"):
-        model(tokens, image_mask=mask)
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -14,6 +14,21 @@ LAYOUTS = {  # name: (ranks, arguments)
     # The unfrozen-encoder ablation: SigLIP tower in the graph, replicated over TP ranks.
     "tp2_online_trainable_encoder": (2, ["--tp", "2", "model.encoder.mode=online",
                                          "model.encoder.frozen=false"]),
+    # Throughput features that change the communication: sequence parallelism (the image
+    # splice before the scatter, norm gradients reduced over TP) and overlapped gradient
+    # reduce-scatter / parameter all-gather.
+    "tp2_sequence_parallel": (2, ["--tp", "2", "performance.sequence_parallel=true"]),
+    "dp2_overlap": (2, ["--dp", "2", "--distributed-optimizer",
+                        "performance.overlap_grad_reduce=true",
+                        "performance.overlap_param_gather=true"]),
+    # Documents as packed sequences (the TE form, here through the SDPA attention): the
+    # pipeline passes [b * s, 1, h] activations; with sequence parallelism the packed sequence
+    # is what gets scattered.
+    "pp2_packed_documents": (2, ["--pp", "2", "data.caption_fill=text",
+                                 "performance.packed_documents=true"]),
+    "tp2_sequence_parallel_packed_documents": (2, ["--tp", "2", "data.caption_fill=text",
+                                                   "performance.packed_documents=true",
+                                                   "performance.sequence_parallel=true"]),
 }
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_vlm.data.batch import attention_mask_from_segments, document_boundaries
+
 from megatron_vlm.data.samples import (
     ConversationError,
     Sample,
-    attention_mask_from_segments,
     build_caption_sample,
     build_instruction_sample,
     build_text_sample,
@@ -374,9 +375,10 @@ def test_collate_shapes_dtypes_and_image_row_order():
         assert torch.equal(batch["loss_mask"][row], torch.from_numpy(s.loss_mask))
         assert torch.equal(batch["segment_ids"][row], torch.from_numpy(s.segment_ids))
     assert batch["image_mask"].sum(1).tolist() == [0, 3, 0, 3]
-    assert "attention_mask" not in batch
-    with_mask = collate(samples, embeddings_for, attention_mask=True)
-    assert with_mask["attention_mask"].shape == (4, 1, 16, 16)
+    assert "cu_seqlens" not in batch and "attention_mask" not in batch
+    with_documents = collate(samples, embeddings_for, documents=True)
+    cu, longest = document_boundaries(with_documents["segment_ids"])
+    assert torch.equal(with_documents["cu_seqlens"], cu) and with_documents["max_seqlen"] == longest
     # an embedding attached to the sample is used as is
     samples[1].image_embedding = torch.full((n_img, d_enc), 5.0)
     assert collate(samples, embeddings_for)["image_embeddings"][0, 0, 0] == 5.0
@@ -448,12 +450,13 @@ def test_vlm_accepts_collated_batch_and_segments_isolate_attention(runtime):
     ]
     g = torch.Generator().manual_seed(0)
     table = {k: torch.randn(n_img, d_enc, generator=g).to(torch.bfloat16) for k in ("x", "y")}
-    batch = collate(samples, table.__getitem__, attention_mask=True)
+    batch = collate(samples, table.__getitem__, documents=True)
     assert int(batch["tokens"].max()) < vocab
 
     def run(b):
         with torch.no_grad():
-            return model(tokens=b["tokens"], labels=b["labels"], attention_mask=b["attention_mask"],
+            return model(tokens=b["tokens"], labels=b["labels"], segment_ids=b["segment_ids"],
+                         cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"],
                          image_mask=b["image_mask"], image_embeddings=b["image_embeddings"])
 
     per_token = run(batch)

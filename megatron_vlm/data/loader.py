@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_vlm.config import DATA_SOURCES
+from megatron_vlm.data.batch import check_batch
 from megatron_vlm.data.blend import BlendIndex, BlendSource, build_blend_index, source_from_shards
 from megatron_vlm.data.samples import (
     Sample,
@@ -209,9 +210,12 @@ class _RankMicroBatches(torch.utils.data.Dataset):
                      sample_ids[start:start + self.micro_batch_size])]
         samples = [self.sources.sample(name, i, first_slot + k) for k, (name, i) in enumerate(picks)]
         # Packed filler documents need attention kept inside each document.
-        batch = collate(samples, attention_mask=self.sources.fill_text)
+        batch = collate(samples, documents=self.sources.fill_text)
         # Ids in SOURCE_ORDER (not the index's order) so they mean the same in every run.
         batch["source_ids"] = torch.tensor([SOURCE_ORDER.index(name) for name, _ in picks])
+        # Checked here, in the worker, so the model's forward needs no host synchronisation.
+        check_batch(batch, self.sources.n_img,
+                    where=f"global batch {self.first_batch + g}, micro-batch {m}")
         return batch
 
 

@@ -8,7 +8,8 @@ cross-entropy never sees an out-of-range index. Image positions hold ``pad_id`` 
 token id; the model replaces their embeddings with the projected image patches.
 
 ``segment_ids`` number the documents of a sequence from 0; padding is -1. Attention stays inside
-a segment (:func:`attention_mask_from_segments`); padding positions attend only to themselves.
+a segment (:func:`megatron_vlm.data.batch.attention_mask_from_segments`); padding positions
+attend only to themselves.
 
 Caption sample (``build_caption_sample``)::
 
@@ -417,25 +418,6 @@ def resolve_separator(tokenizer, token: str) -> int:
 # Batches
 
 
-def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean mask [b, 1, s, s], True = masked out (megatron's convention).
-
-    A position attends to earlier-or-same positions of its own segment; a padding position
-    (segment -1) attends only to itself, so no row is fully masked.
-    """
-    import torch
-
-    seg = torch.as_tensor(segment_ids)
-    if seg.dim() == 1:
-        seg = seg.unsqueeze(0)
-    s = seg.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg >= 0).unsqueeze(2)
-    allowed = same & causal
-    allowed |= torch.eye(s, dtype=torch.bool, device=seg.device)
-    return (~allowed).unsqueeze(1)
-
-
 def _stack_embeddings(embeddings: list) -> torch.Tensor:
     """torch.stack, but bfloat16 is stacked as its int16 bit patterns: torch's CPU copy
     kernel for bfloat16 is several times slower, and this is the loader's largest copy."""
@@ -447,13 +429,15 @@ def _stack_embeddings(embeddings: list) -> torch.Tensor:
 
 
 def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], torch.Tensor]] = None,
-            *, attention_mask: bool = False) -> dict:
+            *, documents: bool = False) -> dict:
     """Stack samples into a batch (docs/architecture.md) plus ``segment_ids`` [b, s] int32.
 
     ``image_embeddings`` [k, n_img, d_enc] holds one embedding per sample with an image, in row
     order: the sample's ``image_embedding`` if set, else ``embeddings_for(image_key)``. The key
-    is absent when no row has an image. ``attention_mask=True`` adds ``attention_mask``
-    [b, 1, s, s] from the segments.
+    is absent when no row has an image. ``documents=True`` asks for attention kept inside each
+    segment: it adds ``cu_seqlens`` and ``max_seqlen`` (see
+    :func:`megatron_vlm.data.batch.document_boundaries`); the model turns them into packed
+    sequences or a dense mask on the device.
     """
     import torch
 
@@ -489,8 +473,10 @@ def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], 
         embeddings.append(emb)
     if embeddings:
         batch["image_embeddings"] = _stack_embeddings(embeddings)
-    if attention_mask:
-        batch["attention_mask"] = attention_mask_from_segments(batch["segment_ids"])
+    if documents:
+        from megatron_vlm.data.batch import document_boundaries
+
+        batch["cu_seqlens"], batch["max_seqlen"] = document_boundaries(batch["segment_ids"])
     return batch
 
 

@@ -1,15 +1,31 @@
 """The vision-language model: projected image embeddings spliced into a megatron GPT decoder.
 
-Batch contract (the same for both encoder modes):
+Batch contract (the same for both encoder modes; :func:`megatron_vlm.data.batch.check_batch`
+checks it where batches are assembled, on the CPU, so the forward pass needs no host
+synchronisation):
 
 * ``tokens`` [b, s] int64, ``labels`` [b, s] int64, ``loss_mask`` [b, s] float;
 * ``image_mask`` [b, s] bool: the positions whose input embedding is an image patch;
 * ``image_embeddings`` [k, n_img, d_enc] (precomputed mode) or ``images`` [k, 3, H, W] (online
   mode): one entry per row of the batch that has image positions, in row order, so text-only
-  rows cost no projector work. Each such row has exactly ``n_img`` image positions.
+  rows cost no projector work. Each such row has exactly ``n_img`` image positions;
+* optional document attention (packed filler text, ``data.caption_fill=text``):
+  ``segment_ids`` [b, s] int (documents numbered from 0 per row, padding -1), ``cu_seqlens``
+  [n + 1] int32 (the boundaries of every run of one segment in the flattened [b * s] batch, row
+  boundaries included) and ``max_seqlen`` (a Python int, the longest run).
+
+Document attention reaches the attention kernel in one of two forms. With ``packed_documents``
+(the Transformer Engine spec) the batch is flattened into megatron's packed "thd" layout: one
+sequence of b * s positions cut by ``cu_seqlens`` (image positions count inside their sequence),
+with rotary positions restarting per document; attention never crosses a boundary. Otherwise a
+dense [b, 1, s, s] mask is built on the device from ``segment_ids`` (the SDPA attention honours
+it). Both give the same result on every position that carries loss: rotary embeddings are
+relative, so where a document starts in its row does not matter. A dense ``attention_mask`` in
+the batch is refused with the packed form (TE would ignore it).
 
 On the first pipeline stage the projector (and the online encoder) run and their output
-replaces the token embeddings at the image positions; later stages receive hidden states from
+replaces the token embeddings at the image positions, before the sequence is scattered over
+tensor-parallel ranks when sequence parallelism is on; later stages receive hidden states from
 megatron's pipeline schedule through :meth:`set_input_tensor`.
 """
 
@@ -18,10 +34,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_vlm.data.batch import attention_mask_from_segments
 
 
 class VLMModel(MegatronModule):
@@ -29,7 +49,7 @@ class VLMModel(MegatronModule):
 
     def __init__(self, config: TransformerConfig, language_model: GPTModel,
                  projector: Optional[torch.nn.Module], vision_encoder: Optional[torch.nn.Module],
-                 num_image_tokens: int):
+                 num_image_tokens: int, packed_documents: bool = False):
         super().__init__(config=config)
         self.language_model = language_model
         self.pre_process = language_model.pre_process
@@ -37,9 +57,17 @@ class VLMModel(MegatronModule):
         self.projector = projector
         self.vision_encoder = vision_encoder
         self.num_image_tokens = num_image_tokens
+        self.packed_documents = packed_documents
         # megatron's DDP and schedules look for these attributes on the wrapped module.
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder
+        if self.pre_process:
+            # The image splice needs the whole sequence: the embedding must not reduce-scatter or
+            # scatter it over the sequence-parallel ranks; :meth:`embed` scatters after the splice.
+            embedding = language_model.embedding
+            embedding.reduce_scatter_embeddings = False
+            embedding.word_embeddings.reduce_scatter_embeddings = False
+            embedding.scatter_to_sequence_parallel = False
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -63,40 +91,72 @@ class VLMModel(MegatronModule):
             projected = projected[0]
         return projected
 
-    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-              image_mask: Optional[torch.Tensor], image_embeddings: Optional[torch.Tensor],
+    def embed(self, tokens: torch.Tensor, image_mask: Optional[torch.Tensor],
+              image_embeddings: Optional[torch.Tensor],
               images: Optional[torch.Tensor]) -> torch.Tensor:
-        """Decoder input [s, b, d_model]: token embeddings with image positions replaced."""
-        embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
+        """Decoder input [s, b, d_model] of the whole sequence (not yet scattered for sequence
+        parallelism): token embeddings with the image positions replaced."""
+        embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         features = self.image_features(image_embeddings, images)
         if features is None:
-            if image_mask is not None and bool(image_mask.any()):
-                raise ValueError("image_mask marks image positions but the batch has no images")
             return embeddings
-        rows_with_image = image_mask.any(dim=1)
-        counts = image_mask.sum(dim=1)[rows_with_image]
-        if features.shape[0] != int(rows_with_image.sum()) or bool((counts != self.num_image_tokens).any()):
-            raise ValueError(
-                f"image_mask has {int(rows_with_image.sum())} rows with image positions "
-                f"(counts {counts.tolist()}) but {features.shape[0]} images of "
-                f"{self.num_image_tokens} tokens were given")
-        # masked_scatter fills positions in row-major order, matching the row order of features.
+        # masked_scatter fills positions in row-major order, matching the row order of features;
+        # the counts were checked when the batch was assembled (no host synchronisation here).
         by_batch = embeddings.transpose(0, 1)
         spliced = by_batch.masked_scatter(image_mask.unsqueeze(-1), features.to(by_batch.dtype))
         return spliced.transpose(0, 1).contiguous()
+
+    def _scatter_sequence(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the sequence under sequence parallelism (as megatron's embedding
+        would have scattered it), cloned so the whole sequence can be freed."""
+        if not self.config.sequence_parallel:
+            return decoder_input
+        part = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        return part.clone() if self.config.clone_scatter_output_in_embedding else part
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 image_mask: Optional[torch.Tensor] = None,
                 image_embeddings: Optional[torch.Tensor] = None,
-                images: Optional[torch.Tensor] = None) -> torch.Tensor:
+                images: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, vocab/TP]."""
-        if position_ids is None:
-            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        decoder_input = None
+        b, s = tokens.shape
+        packed = cu_seqlens is not None and self.packed_documents
+        if attention_mask is not None and self.packed_documents:
+            raise ValueError("the Transformer Engine attention ignores a dense attention_mask; "
+                             "give document boundaries (segment_ids, cu_seqlens, max_seqlen) "
+                             "instead")
+        if cu_seqlens is not None and not packed:
+            if segment_ids is None:
+                raise ValueError("a batch with cu_seqlens needs segment_ids for the dense "
+                                 "document mask")
+            attention_mask = attention_mask_from_segments(segment_ids)
+        if position_ids is None and not packed:
+            position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
+        decoder_input = packed_seq_params = None
         if self.pre_process:
-            decoder_input = self.embed(tokens, position_ids, image_mask, image_embeddings, images)
-        return self.language_model(
+            decoder_input = self.embed(tokens, image_mask, image_embeddings, images)
+        if packed:
+            if max_seqlen is None:
+                raise ValueError("a batch with cu_seqlens needs max_seqlen (a Python int)")
+            # [s, b, h] -> one packed sequence [b * s, 1, h] in row-major order, as cu_seqlens
+            # counts it.
+            if decoder_input is not None:
+                decoder_input = decoder_input.transpose(0, 1).reshape(b * s, 1, -1)
+            packed_seq_params = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+            if labels is not None:
+                labels = labels.reshape(1, b * s)
+        if decoder_input is not None:
+            decoder_input = self._scatter_sequence(decoder_input)
+        out = self.language_model(
             input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=labels)
+            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)
+        if packed and self.post_process:
+            out = out.reshape(b, s, *out.shape[2:])
+        return out

@@ -2,6 +2,7 @@
 
 from megatron_vlm.runtime.distributed import (  # noqa: F401
     RuntimeInfo,
+    current_device,
     has_transformer_engine,
     initialize,
     set_seed,

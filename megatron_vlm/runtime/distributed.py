@@ -12,12 +12,14 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("megatron_vlm")
 _MODE_LOGGED = False  # the device-mode line is printed once per process
+_DEVICE: Optional[torch.device] = None  # set by init_process_group_only
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class RuntimeInfo:
 
 
 def has_transformer_engine() -> bool:
-    """True when Transformer Engine imports and a CUDA device exists."""
-    if not torch.cuda.is_available():
+    """True when Transformer Engine imports and the process computes on CUDA."""
+    if not torch.cuda.is_available() or _cpu_mode_installed():
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -49,23 +51,47 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+NO_CUDA = ("parallel.device=cuda but no CUDA device is visible; was the container started with "
+           "--gpus (or CUDA_VISIBLE_DEVICES set to nothing)? For CPU mode set parallel.device=cpu")
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """'cuda' or 'cpu' for a ``parallel.device`` value; ``None`` (tests and tools that take no
+    config) means CUDA where it is visible. 'cuda' without a visible GPU is a user error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() and not _cpu_mode_installed() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"parallel.device={device!r} must be 'cuda' or 'cpu'")
+    if device == "cuda" and (_cpu_mode_installed() or not torch.cuda.is_available()):
+        raise ValueError(NO_CUDA)
+    return device
+
+
+def _cpu_mode_installed() -> bool:
+    from megatron_vlm.runtime import cpu_compat
+
+    return cpu_compat.installed()
+
+
 def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     backend: str = "auto",
     timeout_minutes: int = 10,
     seed: int = 1234,
+    device: Optional[str] = None,
 ) -> RuntimeInfo:
     """Initializes torch.distributed and megatron parallel state for this process.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
     without them it runs as a single process. Every collective gets ``timeout_minutes`` so a
-    hung peer fails the run instead of stalling it.
+    hung peer fails the run instead of stalling it. ``device`` is ``parallel.device`` (see
+    :func:`resolve_device`).
     """
     from megatron.core import parallel_state
 
-    cuda = torch.cuda.is_available()
-    device, backend, rank, world_size = init_process_group_only(backend, timeout_minutes)
+    device, backend, rank, world_size = init_process_group_only(backend, timeout_minutes, device)
+    cuda = device.type == "cuda"
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel="
@@ -90,23 +116,27 @@ def initialize(
             logger.info("runtime: CUDA mode, %s backend, %s layer spec, world %d (TP=%d PP=%d DP=%d)",
                         backend, spec, world_size, tensor_parallel, pipeline_parallel, data_parallel)
         else:
-            logger.info("runtime: CPU mode (no CUDA): gloo backend, local megatron-core spec with "
-                        "SDPA attention, CUDA calls redirected to the CPU; world %d (TP=%d PP=%d DP=%d)",
-                        world_size, tensor_parallel, pipeline_parallel, data_parallel)
+            logger.info("runtime: CPU mode (parallel.device=cpu): %s backend, local megatron-core "
+                        "spec with SDPA attention, CUDA calls redirected to the CPU; world %d "
+                        "(TP=%d PP=%d DP=%d)", backend, world_size, tensor_parallel,
+                        pipeline_parallel, data_parallel)
     return info
 
 
-def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10):
+def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10,
+                            device: Optional[str] = None):
     """torch.distributed alone (no megatron groups); idempotent. Returns
-    (device, backend, rank, world_size)."""
-    cuda = torch.cuda.is_available()
+    (device, backend, rank, world_size); ``device`` as in :func:`resolve_device`."""
+    cuda = resolve_device(device) == "cuda"
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise ValueError("parallel.backend=nccl needs CUDA; this host has none (use gloo or auto)")
+        raise ValueError("parallel.backend=nccl needs CUDA; this run is in CPU mode (use gloo or "
+                         "auto)")
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    global _DEVICE
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -115,6 +145,7 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10):
 
         cpu_compat.install()
         device = torch.device("cpu")
+    _DEVICE = device
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
@@ -125,6 +156,13 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10):
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     return device, backend, rank, world_size
+
+
+def current_device() -> torch.device:
+    """The device this process computes on (its CUDA device, or the CPU in CPU mode)."""
+    if _DEVICE is None:
+        raise RuntimeError("the runtime is not initialized: call megatron_vlm.runtime.initialize()")
+    return _DEVICE
 
 
 def set_seed(seed: int) -> None:

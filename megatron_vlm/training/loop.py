@@ -7,6 +7,7 @@ loop:  LR from the schedule -> one train step (megatron schedules) -> log -> may
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,10 +17,6 @@ from typing import Callable, Optional
 import torch
 
 logger = logging.getLogger("megatron_vlm")
-
-# Dense bf16 peak of the GPUs the MFU estimate knows (FLOP/s per GPU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 def build_schedule(cfg, parent_common: Optional[dict]):
     """The run's LR schedule from ``schedule.*`` (and the parent checkpoint's metadata)."""
@@ -62,21 +59,6 @@ def log_trainable(model) -> None:
         logger.info("  %-14s %s (%s of %s parameters train)", name, state, f"{trainable:,}", f"{total:,}")
 
 
-def _flops_per_token(cfg) -> float:
-    """Training FLOPs per token of the decoder: 6 x parameters + attention."""
-    from megatron_vlm.model.param_count import decoder_parameters
-
-    dec = cfg.model.decoder
-    return 6 * decoder_parameters(dec) + 12 * dec.num_layers * dec.hidden_size * cfg.train.seq_length
-
-
-def _peak_flops() -> Optional[float]:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
     """(next_step function, loader or None) for ``data.kind``."""
     train, enc = cfg.train, cfg.model.encoder
@@ -94,7 +76,7 @@ def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
                              state=LoaderState(**loader_state) if loader_state else None)
         return loader.next_step, loader
 
-    from megatron_vlm.data.batch import random_batch, slice_rows, split_microbatches
+    from megatron_vlm.data.batch import check_batch, random_batch, slice_rows, split_microbatches
 
     consumed = (loader_state or {}).get("consumed_global_batches", 0)
     rows = train.global_batch_size // dp
@@ -106,12 +88,29 @@ def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
         consumed += 1
         batch = random_batch(gen, train.global_batch_size, train.seq_length,
                              cfg.model.decoder.vocab_size, enc.num_image_tokens, enc.embed_dim,
-                             image_size=enc.image_size if enc.mode == "online" else None)
-        return split_microbatches(slice_rows(batch, dp_rank * rows, (dp_rank + 1) * rows),
-                                  train.micro_batch_size)
+                             image_size=enc.image_size if enc.mode == "online" else None,
+                             documents=cfg.data.caption_fill == "text")
+        mine = slice_rows(batch, dp_rank * rows, (dp_rank + 1) * rows)
+        check_batch(mine, enc.num_image_tokens, where=f"random global batch {consumed - 1}")
+        return split_microbatches(mine, train.micro_batch_size)
 
     next_random.state_dict = lambda: {"consumed_global_batches": consumed}
     return next_random, next_random
+
+
+@contextlib.contextmanager
+def synced_parameters(ddp_model):
+    """Parameters up to date for a save: with the parameter gather overlapped into the next
+    forward pass, the last optimizer step's all-gather is still pending; force it, and put the
+    forward hooks back afterwards (as megatron does around checkpoints)."""
+    if not getattr(ddp_model, "use_forward_hook", False):
+        yield
+        return
+    ddp_model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp_model.enable_forward_pre_hook()
 
 
 def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
@@ -125,9 +124,10 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     from megatron_vlm.runtime import initialize
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training import flops
     from megatron_vlm.training.metrics_log import MetricsLog
     from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
-    from megatron_vlm.training.step import setup_training, train_step
+    from megatron_vlm.training.step import setup_training, summarize_losses, train_step
 
     # Checks that need no model: a bad path or schedule stops here, before any work.
     parent_common = ckpt.read_common(cfg.checkpoint.load) if cfg.checkpoint.load else None
@@ -135,11 +135,12 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         ckpt.check_decoder_matches(parent_common, cfg.model.decoder, cfg.checkpoint.load)
     schedule = build_schedule(cfg, parent_common)
 
-    _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    _, _, rank, world = init_process_group_only(cfg.parallel.backend, cfg.parallel.timeout_minutes,
+                                                cfg.parallel.device)
     dp = cfg.validate_parallel(world)
     info = initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                       backend=cfg.parallel.backend, timeout_minutes=cfg.parallel.timeout_minutes,
-                      seed=cfg.seed)
+                      seed=cfg.seed, device=cfg.parallel.device)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     if rank == 0:
@@ -152,6 +153,10 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     state = setup_training(model, cfg)
     logger.info("model parts (this rank):")
     log_trainable(model)
+    logger.info("%s", model.features.describe())
+    if cfg.train.fp8:
+        logger.info("FP8 (%s) in the decoder's transformer layers; projector, embeddings and "
+                    "output layer in %s", cfg.train.fp8, cfg.train.params_dtype)
 
     resume = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
     start, loader_state = 0, None
@@ -174,49 +179,72 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     saves = checkpoint_steps(cfg.train.train_iters, cfg.checkpoint.save_fractions) \
         if cfg.checkpoint.save_fractions else {}
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
-    flops_per_step = _flops_per_token(cfg) * tokens_per_step
-    peak = _peak_flops()
+    peak = flops.peak_flops() if info.device.type == "cuda" else None
 
     history: list[dict] = []
     sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
             if rank == 0 else None)
+    writer = ckpt.CheckpointWriter(async_save=model.features.async_save)
+    keep = {ckpt.step_dir_name(s) for s in saves}
+
+    def saved(path: Path, done: int) -> None:  # every rank, once the checkpoint is complete
+        ckpt.prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last, keep)
+        if rank == 0:
+            logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
+
     bar = tqdm(range(start, cfg.train.train_iters), initial=start, total=cfg.train.train_iters,
                desc="train", disable=rank != 0, dynamic_ncols=True)
-    for step in bar:
-        lr = schedule.lr(step)
-        apply_lr(state.optimizer, lr)
-        t0 = time.perf_counter()
-        microbatches = next_step()
-        metrics = train_step(state, iter(microbatches), len(microbatches), cfg)
-        seconds = time.perf_counter() - t0
-        metrics.update(step=step + 1, lr=lr, tokens_per_s=tokens_per_step / seconds,
-                       tflops=flops_per_step / seconds / 1e12 / world)
-        if peak:
-            metrics["mfu"] = flops_per_step / seconds / (peak * world)
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        if sink is not None:
-            sink.log(step + 1, metrics)
-        if rank == 0 and (step + 1) % cfg.train.log_interval == 0:
-            extra = " ".join(f"{k}={metrics[k]:.4f}" for k in metrics if k.startswith("loss/"))
-            logger.info("step %d/%d loss=%.4f %s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
-                        step + 1, cfg.train.train_iters, metrics["loss"], extra, lr,
-                        metrics["grad_norm"], metrics["tokens_per_s"],
-                        f" mfu={metrics['mfu']:.3f}" if "mfu" in metrics else "")
-        if on_step is not None:
-            on_step(step + 1, metrics)
-        done = step + 1
-        interval = cfg.checkpoint.save_interval
-        if done in saves or (interval and done % interval == 0):
-            meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
-            common = {"step": done, "schedule": meta.to_dict(), "loader": loader.state_dict(),
-                      "fraction": done / cfg.train.train_iters, "config": config_to_dict(cfg)}
-            path = ckpt.save_checkpoint(ckpt_dir / ckpt.step_dir_name(done), state.model,
-                                        state.optimizer, common)
-            keep = {ckpt.step_dir_name(s) for s in saves}
-            ckpt.prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last, keep)
-            if rank == 0:
-                logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
+    # Losses stay on the device between log steps (summed, so a log line reports the per-token
+    # mean over its interval); reading them is the only wait for the GPU the loop adds.
+    pending, last_logged, last_time, interval_flops = None, start, time.perf_counter(), 0.0
+    try:
+        for step in bar:
+            lr = schedule.lr(step)
+            apply_lr(state.optimizer, lr)
+            microbatches = next_step()
+            # Model FLOPs of this step (projector work follows the share of image positions).
+            interval_flops += tokens_per_step * flops.flops_per_token(
+                cfg, flops.image_positions_fraction(microbatches))
+            result = train_step(state, microbatches, len(microbatches), cfg, summarize=False)
+            pending = result["loss_sums"] if pending is None else pending + result["loss_sums"]
+            done = step + 1
+            metrics = {"step": done, "lr": lr, "grad_norm": result["grad_norm"]}
+            if done % cfg.train.log_interval == 0 or done == cfg.train.train_iters:
+                metrics.update(summarize_losses(pending))  # waits for the device
+                now = time.perf_counter()
+                steps, seconds = done - last_logged, now - last_time
+                flops_per_s_per_gpu = interval_flops / seconds / world
+                metrics.update(tokens_per_s=tokens_per_step * steps / seconds,
+                               tflops=flops_per_s_per_gpu / 1e12)
+                if peak:
+                    metrics["mfu"] = flops.mfu(flops_per_s_per_gpu, peak)
+                pending, last_logged, last_time, interval_flops = None, done, now, 0.0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+                if sink is not None:
+                    sink.log(done, metrics)
+                if rank == 0:
+                    extra = " ".join(f"{k}={metrics[k]:.4f}" for k in metrics
+                                     if k.startswith("loss/"))
+                    logger.info("step %d/%d loss=%.4f %s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+                                done, cfg.train.train_iters, metrics["loss"], extra, lr,
+                                metrics["grad_norm"], metrics["tokens_per_s"],
+                                f" mfu={metrics['mfu']:.3f}" if "mfu" in metrics else "")
+            history.append(metrics)
+            if on_step is not None:
+                on_step(done, metrics)
+            writer.poll()  # completes background saves every rank has written (a collective)
+            interval = cfg.checkpoint.save_interval
+            if done in saves or (interval and done % interval == 0):
+                meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
+                common = {"step": done, "schedule": meta.to_dict(), "loader": loader.state_dict(),
+                          "fraction": done / cfg.train.train_iters, "config": config_to_dict(cfg)}
+                with synced_parameters(state.model):
+                    writer.save(ckpt_dir / ckpt.step_dir_name(done), state.model, state.optimizer,
+                                common, on_done=lambda path, done=done: saved(path, done))
+        writer.finish()
+    except BaseException:
+        writer.abandon()  # this rank only: its peers may never reach a collective finish()
+        raise
     if sink is not None:
         sink.close()
     return history

@@ -5,6 +5,11 @@ optimizer; ``train_step`` runs megatron's forward/backward schedule (no pipelini
 chosen by megatron from the pipeline size) over the micro-batches of one global batch, then the
 optimizer step. The loss is a per-token mean over the whole global batch: megatron sums token
 losses and counts, and normalizes gradients by the global token count.
+
+Micro-batches reach the device through :class:`~megatron_vlm.training.device_batches.DeviceMicroBatches`
+(the one place batches are copied); every tensor the step creates is made on the device of its
+inputs, and the loss stays on the device unless the caller asks for it (:func:`summarize_losses`),
+so steps that do not log never wait for the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from megatron.core.optimizer import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.config import DATA_SOURCES as SOURCE_ORDER
+from megatron_vlm.runtime.distributed import current_device
+from megatron_vlm.training.device_batches import DeviceMicroBatches
 
 @dataclass
 class TrainState:
@@ -55,10 +62,16 @@ def optimizer_config(cfg) -> OptimizerConfig:
 
 
 def setup_training(model, cfg) -> TrainState:
-    """Megatron DDP + optimizer around ``model``; wires megatron's grad hooks into its config."""
+    """Megatron DDP + optimizer around ``model``; wires megatron's grad hooks into its config.
+
+    Gradient-reduce and parameter-gather overlap follow the features the model was built with
+    (``model.features``, resolved from ``performance.*``).
+    """
+    features = model.features
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=features.overlap_grad_reduce,
+        overlap_param_gather=features.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
@@ -91,15 +104,15 @@ def loss_func(loss_mask: torch.Tensor, source_ids: torch.Tensor | None,
     loss_sum = token_loss.sum()
     num_tokens = mask.sum().to(torch.int)
     if source_ids is None:
-        source_ids = torch.zeros(mask.shape[0], dtype=torch.long)
-    per_source = torch.zeros(len(SOURCE_ORDER), 2)
+        source_ids = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    per_source = torch.zeros(len(SOURCE_ORDER), 2, device=mask.device)
     per_source.index_add_(0, source_ids.long(),
                           torch.stack([token_loss.sum(1), mask.sum(1)], dim=1).detach())
     return loss_sum, num_tokens, {"loss by source": per_source}
 
 
 def forward_step(data_iterator: Iterator[dict], model):
-    """megatron forward-step function: one micro-batch through the VLM."""
+    """megatron forward-step function: one micro-batch (already on the device) through the VLM."""
     batch = next(data_iterator)
     output = model(
         tokens=batch["tokens"],
@@ -108,17 +121,21 @@ def forward_step(data_iterator: Iterator[dict], model):
         image_mask=batch.get("image_mask"),
         image_embeddings=batch.get("image_embeddings"),
         images=batch.get("images"),
+        segment_ids=batch.get("segment_ids"),
+        cu_seqlens=batch.get("cu_seqlens"),
+        max_seqlen=batch.get("max_seqlen"),
     )
     return output, partial(loss_func, batch["loss_mask"], batch.get("source_ids"))
 
 
-def _reduce_losses(losses_reduced: list) -> dict:
-    """Per-token mean loss of the global batch, overall and per source, on every rank.
+def reduce_losses(losses_reduced: list) -> torch.Tensor:
+    """[loss sum, tokens] per source of the global batch ([len(SOURCE_ORDER), 2]), on every rank
+    and on the device (no host synchronisation).
 
     Only the last pipeline stage computes losses: it sums them over data-parallel ranks and
     broadcasts them to the other stages.
     """
-    total = torch.zeros(len(SOURCE_ORDER), 2)
+    total = torch.zeros(len(SOURCE_ORDER), 2, device=current_device())
     if parallel_state.is_pipeline_last_stage():
         total = torch.stack([d["loss by source"] for d in losses_reduced]).sum(0)
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -126,29 +143,62 @@ def _reduce_losses(losses_reduced: list) -> dict:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
-    overall = total.sum(0)
-    out = {"loss": (overall[0] / overall[1].clamp(min=1)).item()}
-    for name, (loss, tokens) in zip(SOURCE_ORDER, total.tolist()):
-        if tokens > 0:
-            out[f"loss/{name}"] = loss / tokens
+    return total
+
+
+def summarize_losses(loss_sums: torch.Tensor) -> dict:
+    """``loss`` (per-token mean) and ``loss/<source>`` for the sources that had tokens, from
+    summed [loss, tokens] rows (one step's, or several steps' added up). Reads the device."""
+    rows = loss_sums.double().cpu().tolist()
+    loss, tokens = (sum(col) for col in zip(*rows))
+    out = {"loss": loss / max(tokens, 1.0)}
+    for name, (source_loss, source_tokens) in zip(SOURCE_ORDER, rows):
+        if source_tokens > 0:
+            out[f"loss/{name}"] = source_loss / source_tokens
     return out
 
 
-def train_step(state: TrainState, batches: Iterator[dict], num_microbatches: int, cfg) -> dict:
-    """Forward/backward over ``num_microbatches`` micro-batches, then one optimizer step."""
+def pipeline_shape(cfg, model) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) of the activations megatron's pipeline schedule passes
+    between stages: [b * s, 1] when documents go to the attention as packed sequences."""
+    t = cfg.train
+    packed = unwrap_vlm(model).packed_documents and cfg.data.caption_fill == "text"
+    return (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
+
+
+def unwrap_vlm(model):
+    """The VLM module inside megatron's DDP wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def train_step(state: TrainState, microbatches: list[dict], num_microbatches: int, cfg,
+               summarize: bool = True) -> dict:
+    """Forward/backward over ``num_microbatches`` host micro-batches (copied to the device here,
+    the next one while the current one computes), then one optimizer step.
+
+    Returns ``loss_sums`` (a device tensor, see :func:`reduce_losses`) and ``grad_norm``; with
+    ``summarize`` also the losses as floats (:func:`summarize_losses`, which waits for the
+    device). Note the optimizer's gradient clipping reads the gradient norm on the host anyway.
+    """
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
+    seq_length, micro_batch_size = pipeline_shape(cfg, state.model)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=batches,
+        data_iterator=DeviceMicroBatches(microbatches, current_device()),
         model=[state.model],
         num_microbatches=num_microbatches,
-        seq_length=cfg.train.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     update_successful, grad_norm, _ = state.optimizer.step()
     if not update_successful:
         raise RuntimeError(f"optimizer step {state.step} failed (non-finite gradients?)")
     state.step += 1
-    return {**_reduce_losses(losses), "grad_norm": float(grad_norm or 0.0)}
+    out = {"loss_sums": reduce_losses(losses), "grad_norm": float(grad_norm or 0.0)}
+    if summarize:
+        out.update(summarize_losses(out["loss_sums"]))
+    return out
