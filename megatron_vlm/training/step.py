@@ -33,6 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.config import DATA_SOURCES as SOURCE_ORDER
 from megatron_vlm.runtime.distributed import current_device
+from megatron_vlm.training.checkpointing import unwrap
 from megatron_vlm.training.device_batches import DeviceMicroBatches
 
 @dataclass
@@ -162,15 +163,8 @@ def pipeline_shape(cfg, model) -> tuple[int, int]:
     """(seq_length, micro_batch_size) of the activations megatron's pipeline schedule passes
     between stages: [b * s, 1] when documents go to the attention as packed sequences."""
     t = cfg.train
-    packed = unwrap_vlm(model).packed_documents and cfg.data.caption_fill == "text"
+    packed = unwrap(model).packed_documents and cfg.data.caption_fill == "text"
     return (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
-
-
-def unwrap_vlm(model):
-    """The VLM module inside megatron's DDP wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def train_step(state: TrainState, microbatches: list[dict], num_microbatches: int, cfg,
