@@ -1,13 +1,26 @@
-"""Crash-safe file writes shared by shard writers and checkpoints: write a temp file, fsync it,
-rename it over the target, fsync the directory."""
+"""File helpers shared by shard writers, checkpoints, the converter and the wheelhouse tool:
+crash-safe writes (write a temp file, fsync it, rename it over the target, fsync the directory)
+and file digests. Standard library only: tools/wheelhouse.py uses it before anything is
+installed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+_HASH_CHUNK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -40,6 +40,11 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+# The checkout's own package, usable here before anything is installed (fsutil is standard
+# library only).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_vlm.fsutil import sha256_file  # noqa: E402
+
 MIB = 1 << 20
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -74,14 +79,6 @@ class WheelhouseError(ValueError):
 def canonical(name: str) -> str:
     """A distribution name in its normalized form (lower case, runs of -_. as one -)."""
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

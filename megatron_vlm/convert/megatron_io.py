@@ -42,6 +42,7 @@ import torch
 
 from megatron_vlm.convert import openlm
 from megatron_vlm.convert.metadata import ScheduleArgs, check_tokenizer, schedule_metadata
+from megatron_vlm.fsutil import sha256_file
 from megatron_vlm.training.checkpointing import is_rank0
 
 logger = logging.getLogger("megatron_vlm")
@@ -341,7 +342,7 @@ def convert_openlm(input_path: str | os.PathLike, output_dir: str | os.PathLike,
         "source": source,
         "contents": ["model"],
         "projector": ({"path": str(Path(projector).resolve()),
-                       "sha256": openlm.sha256_file(projector)} if projector is not None
+                       "sha256": sha256_file(projector)} if projector is not None
                       else {"initialized": True, "seed": cfg.seed}),
         "tokenizer": tok.to_dict() if tok is not None else None,
         "converted_by": "megatron_vlm.convert (tools/convert_dclm_checkpoint.py)",

@@ -33,7 +33,6 @@ across TP ranks separately, so the halves stay whole per rank at any layout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+
+from megatron_vlm.fsutil import sha256_file
 
 # Prefixes that training wrappers (DDP, torch.compile) and the HF layout put before every key.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -440,17 +441,6 @@ class SourceInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_load(path: Path) -> Any:

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_vlm.fsutil import TMP_SUFFIX, write_json_atomic
+from megatron_vlm.fsutil import TMP_SUFFIX, sha256_file, write_json_atomic
 from megatron_vlm.fsutil import fsync_dir as _fsync_dir
 
 logger = logging.getLogger("megatron_vlm.data.formats")
@@ -59,21 +59,11 @@ EMBEDDING_DTYPES = ("bf16", "fp8")
 # Largest finite float8 e4m3fn value; per-row scales map each row's absolute maximum onto it.
 FP8_E4M3_MAX = 448.0
 _LOCK_NAME = ".writer.lock"
-_HASH_CHUNK = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
 # File helpers
 # --------------------------------------------------------------------------------------------
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
