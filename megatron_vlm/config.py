@@ -48,6 +48,8 @@ CAPTION_FILLS = ("pad", "text")
 SCHEDULE_MODES = ("from_scratch", "continue", "rewarmup")
 DECAY_STYLES = ("cosine", "linear", "constant")
 LOAD_PARTS = ("all", "decoder")
+# How images are resized for the encoder (data/images.py implements them).
+RESIZE_MODES = ("letterbox", "resize-naive", "resize-crop")
 
 
 class _Section:
@@ -502,6 +504,51 @@ class CheckpointConfig(_Section):
         self._check_positive("save_interval", "keep_last")
 
 
+@dataclass
+class EvaluationConfig(_Section):
+    """Evaluation (tools/evaluate_vlm.py, docs/evaluation.md): where the benchmarks are, how
+    prompts are generated and how stable scores count chance."""
+
+    _PATH = "evaluation"
+
+    data_root: Optional[str] = None
+    """Folder holding the vision benchmarks in the layout of docs/evaluation_data.md (for the
+    'shapesworld' suite: a ShapesWorld directory)."""
+    text_tasks: Optional[str] = None
+    """Folder of local lm-eval task YAMLs (lm-eval's include_path), e.g. ShapesWorld's
+    text/tasks; null: lm-eval's built-in tasks only."""
+    image_embeddings: Optional[str] = None
+    """Precomputed embeddings of the evaluation images (tools/precompute_image_embeddings.py with
+    the training resize mode; keys = image paths relative to each task's image folder). null:
+    the images are encoded in the evaluation process with the checkpoint's encoder."""
+    resize_mode: Optional[str] = None
+    """How evaluation resizes images when it encodes them itself: 'letterbox', 'resize-naive'
+    or 'resize-crop' (tools/precompute_image_embeddings.py --resize). null: the mode the
+    training caption embeddings were made with (data.captions' precompute.json), else
+    'letterbox'."""
+    system_prompt: Optional[str] = None
+    """System prompt in front of every question; null: the one the instruction shards of the
+    checkpoint's data.instructions were made with (none if there are none)."""
+    batch_size: int = 8
+    """Prompts per generation batch and requests per scoring batch, per data-parallel rank."""
+    max_new_tokens: int = 128
+    """Longest generated answer, in tokens."""
+    boolq_chance: str = "uniform"
+    """BoolQ's chance level in the text stable score: 'uniform' (0.5, two choices) or
+    'majority' (0.62, the majority class, as DCLM reports it)."""
+    chance: dict = field(default_factory=dict)
+    """Chance accuracy per task, overriding the built-in table (e.g. {pubmedqa: 0.55})."""
+
+    def _check(self) -> None:
+        self._check_choice("boolq_chance", ("uniform", "majority"))
+        if self.resize_mode is not None:
+            self._check_choice("resize_mode", RESIZE_MODES)
+        self._check_positive("batch_size", "max_new_tokens")
+        for task, level in self.chance.items():
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level < 1:
+                raise ValueError(f"evaluation.chance.{task}={level!r} must be a number in [0, 1)")
+
+
 @dataclass(kw_only=True)  # keyword-only: `model` has no default but follows fields that do
 class RunConfig(_Section):
     """A whole run: model, parallel layout and training settings."""
@@ -526,6 +573,8 @@ class RunConfig(_Section):
     """Throughput features (fusions, overlap, sequence parallelism, recomputation)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Evaluation of the run's checkpoints."""
 
     def _check(self) -> None:
         if not self.name:
@@ -639,13 +688,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def format_help(cfg_cls: type = RunConfig) -> str:
-    """Every config key with its type, default and docstring, for ``--help`` output."""
+def format_help(cfg_cls: type = RunConfig, prefix: str = "") -> str:
+    """Every config key with its type, default and docstring, for ``--help`` output; keys of a
+    section class are shown under ``prefix`` (its dotted path)."""
     lines = ["config keys (set in a recipe YAML or as key=value overrides):"]
     for key, f, tp in _walk(cfg_cls):
         doc = field_docs(_owner(cfg_cls, key)).get(f.name, "")
         if _is_section(tp):
-            lines += ["", f"{key}: {doc}"]
+            lines += ["", f"{_join(prefix, key)}: {doc}"]
             continue
         if f.default is not dataclasses.MISSING:
             default = json.dumps(f.default)
@@ -653,7 +703,7 @@ def format_help(cfg_cls: type = RunConfig) -> str:
             default = json.dumps(f.default_factory())
         else:
             default = "required"
-        lines.append(f"  {key}  ({f.type}, {default})")
+        lines.append(f"  {_join(prefix, key)}  ({f.type}, {default})")
         lines += textwrap.wrap(doc, width=92, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
@@ -674,9 +724,14 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "dict") -> RunConfig:
-    """Build and validate a RunConfig from nested dicts (as in a recipe or a dumped config)."""
-    return _build(RunConfig, _normalize(RunConfig, data, "", source), "")
+def config_from_dict(data: dict[str, Any], source: str = "dict",
+                     overrides: Sequence[str] = ()) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (as in a recipe, a dumped config or a
+    checkpoint's common.json), with ``key=value`` overrides applied on top."""
+    data = _normalize(RunConfig, data, "", source)
+    for item in overrides:
+        data = _apply_override(data, item)
+    return _build(RunConfig, data, "")
 
 
 def non_default_values(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -126,6 +126,24 @@ def test_logits_match_reference_at_tp1(runtime, source, converted):
     assert float(logits[..., VOCAB:].abs().max()) == 0.0  # zero-padded output rows
 
 
+def test_evaluation_scores_a_converted_checkpoint_like_the_reference(runtime, source, converted):
+    """The evaluation engine on a converted DCLM checkpoint gives the OpenLM model's own
+    log-likelihoods: the zero rows added to divide the vocabulary over TP take no probability."""
+    from megatron_vlm.evaluation.engine import EvalModel
+
+    engine = EvalModel.from_checkpoint(converted)
+    assert engine.vocab_size == PADDED and engine.output_vocab == VOCAB
+    tokens = random_tokens(seed=5, batch=3, seq=20)
+    rows = [tokens[0].tolist(), tokens[1, :11].tolist(), tokens[2, :6].tolist()]
+    scored = engine.score_tokens(rows, batch_size=2)
+    reference = torch.log_softmax(openlm_logits(source[1], tokens, HEADS).double(), dim=-1)
+    for i, (logp, greedy) in enumerate(scored):
+        n = len(rows[i]) - 1
+        expected = reference[i, :n].gather(-1, tokens[i, 1:n + 1].unsqueeze(-1)).squeeze(-1)
+        assert float((torch.from_numpy(logp) - expected).abs().max()) < 1e-4
+        assert (torch.from_numpy(greedy) == (reference[i, :n].argmax(-1) == tokens[i, 1:n + 1])).all()
+
+
 def test_logits_match_reference_at_tp2_and_pp2(source, converted, tmp_path):
     proc = torchrun("tests/scripts/convert_check.py",
                     ["--openlm", str(source[0]), "--converted", str(converted), "--workdir",

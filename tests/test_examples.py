@@ -186,7 +186,7 @@ def test_gpu_scales_read_data_under_the_data_root():
 def test_tiny_cpu_reads_the_shapesworld_shards():
     from megatron_vlm.data.prepare import PreparedData
 
-    fields = set(PreparedData.__dataclass_fields__) - {"raw"}
+    fields = set(PreparedData.__dataclass_fields__) - {"raw", "eval_images"}
     root = "runs/tiny_cpu/data"
     expected = {"tokenizer": f"{root}/raw/tokenizer/tokenizer.json",
                 "text": f"{root}/shards/text/corpus", "captions": f"{root}/shards/captions",

@@ -61,7 +61,7 @@ import torch
 
 logger = logging.getLogger("megatron_vlm")
 
-RESIZE_MODES = ("letterbox", "resize-naive", "resize-crop")
+from megatron_vlm.config import RESIZE_MODES  # noqa: E402  (one list for the tools and the config)
 DECODERS = ("dali", "pil")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("bicubic", "bilinear")

@@ -9,7 +9,9 @@ user would (and prints the command), so what works here works on real data:
 3. ``tools/precompute_image_embeddings.py``: caption images to caption shards (the recipe's
    frozen encoder);
 4. ``tools/preprocess_llava.py``: conversations to instruction shards (+ images.txt);
-5. ``tools/precompute_image_embeddings.py``: the conversations' images to embedding shards.
+5. ``tools/precompute_image_embeddings.py``: the conversations' images to embedding shards;
+6. ``tools/precompute_image_embeddings.py``: the evaluation images to embedding shards (keys: the
+   file names, as the evaluation tasks name them), for ``tools/evaluate_vlm.py``.
 
 Each tool resumes, so running the pipeline again on a finished directory redoes nothing.
 """
@@ -37,6 +39,7 @@ class PreparedData:
     captions: Path
     instructions: Path
     instruction_images: Path
+    eval_images: Path
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> "PreparedData":
@@ -46,14 +49,18 @@ class PreparedData:
         return cls(raw=raw, tokenizer=raw / "tokenizer" / "tokenizer.json",
                    text=shards / "text" / "corpus", captions=shards / "captions",
                    instructions=shards / "instructions",
-                   instruction_images=shards / "instruction_images")
+                   instruction_images=shards / "instruction_images",
+                   eval_images=shards / "eval_images")
 
     def overrides(self) -> list[str]:
         """``key=value`` overrides pointing a config at these shards."""
         return [f"data.tokenizer={self.tokenizer}", f"data.text={self.text}",
                 f"data.captions={self.captions}", f"data.instructions={self.instructions}",
                 f"data.instruction_images={self.instruction_images}",
-                f"data.separator_token={SEPARATOR}"]
+                f"data.separator_token={SEPARATOR}",
+                # What tools/evaluate_vlm.py --suite shapesworld reads (recorded in checkpoints).
+                f"evaluation.data_root={self.raw}", f"evaluation.text_tasks={self.raw}/text/tasks",
+                f"evaluation.image_embeddings={self.eval_images}"]
 
 
 def _run(tool: str, args: list[str], quiet: bool) -> None:
@@ -109,5 +116,12 @@ def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides
                                             str(raw / "llava" / "images"), "--image-list",
                                             str(shards / "instructions" / "images.txt"),
                                             "--output", str(shards / "instruction_images"),
+                                            *progress], quiet)
+    eval_list = shards / "eval_images.txt"
+    names = sorted(os.listdir(raw / "eval" / "images"))
+    eval_list.write_text("".join(name + "\n" for name in names))
+    _run("precompute_image_embeddings.py", [*encoder_args, "--image-folder",
+                                            str(raw / "eval" / "images"), "--image-list",
+                                            str(eval_list), "--output", str(paths.eval_images),
                                             *progress], quiet)
     return PreparedData.at(root)

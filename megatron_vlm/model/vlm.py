@@ -122,9 +122,27 @@ class VLMModel(MegatronModule):
                 images: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
-        """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, vocab/TP]."""
+                max_seqlen: Optional[int] = None,
+                decoder_input: Optional[torch.Tensor] = None,
+                inference_context=None,
+                runtime_gather_output: Optional[bool] = None) -> torch.Tensor:
+        """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, vocab/TP].
+
+        Generation (:mod:`megatron_vlm.evaluation.engine`) passes ``decoder_input`` [s, b, d_model]
+        on the first stage (input embeddings it built itself, e.g. :meth:`embed` of the prompt
+        or a generated token's embedding: ``tokens`` then only give the shape, and the image
+        arguments are unused) and megatron's ``inference_context`` (a KV cache: the positions
+        continue where the cache stands). With an inference context the logits are gathered
+        over tensor-parallel ranks (megatron requires it) and, for a static context, cover the
+        last position only ([b, 1, vocab]).
+        """
         b, s = tokens.shape
+        if inference_context is not None:
+            if self.config.sequence_parallel:
+                raise ValueError("generation with a KV cache runs without sequence parallelism "
+                                 "(set performance.sequence_parallel=false)")
+            if runtime_gather_output is None:
+                runtime_gather_output = True
         packed = cu_seqlens is not None and self.packed_documents
         if attention_mask is not None and self.packed_documents:
             raise ValueError("the Transformer Engine attention ignores a dense attention_mask; "
@@ -137,8 +155,10 @@ class VLMModel(MegatronModule):
             attention_mask = attention_mask_from_segments(segment_ids)
         if position_ids is None and not packed:
             position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
-        decoder_input = packed_seq_params = None
-        if self.pre_process:
+        packed_seq_params = None
+        if not self.pre_process:
+            decoder_input = None  # later stages take the previous stage's output
+        elif decoder_input is None:
             decoder_input = self.embed(tokens, image_mask, image_embeddings, images)
         if packed:
             if max_seqlen is None:
@@ -156,7 +176,8 @@ class VLMModel(MegatronModule):
             decoder_input = self._scatter_sequence(decoder_input)
         out = self.language_model(
             input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)
+            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
+            inference_context=inference_context, runtime_gather_output=runtime_gather_output)
         if packed and self.post_process:
             out = out.reshape(b, s, *out.shape[2:])
         return out

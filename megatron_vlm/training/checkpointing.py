@@ -379,6 +379,12 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool
         # torch's CheckpointException (a BaseException) wraps megatron's KeyError naming the
         # first model key the checkpoint lacks.
         absent = re.search(r"([\w./]+) from model not in state dict", str(err))
+        mismatch = re.search(r"Global shape mismatch for loaded \((.*?)\) and expected "
+                             r"\((.*?)\) tensor for key (\S+)", str(err))
+        if mismatch is not None:
+            raise ValueError(f"checkpoint {directory} does not fit the model: its "
+                             f"{mismatch.group(3)} is {mismatch.group(1)}, the config builds "
+                             f"{mismatch.group(2)}") from None
         if absent is None:
             raise
         hint = "" if parts != "all" else " (checkpoint.load_parts=decoder loads the language model only)"
@@ -466,8 +472,9 @@ def _legacy_rng_shape(directory: Path) -> Optional[tuple[int, ...]]:
     return None
 
 
+# qk_norm: without it the checkpoint's q/k gains would be dropped silently (no shape differs).
 DECODER_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                 "ffn_hidden_size")
+                 "ffn_hidden_size", "qk_norm")
 
 
 def check_decoder_matches(common: dict, decoder_cfg, directory) -> None:

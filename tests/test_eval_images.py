@@ -1,0 +1,68 @@
+"""Evaluation images reach the model as in training: precomputed by the tool, encoded in the
+evaluation process by the same (seeded) frozen encoder and preprocessing, or given to an online
+encoder as pixels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from megatron_vlm.data.prepare import prepare_shapesworld
+
+    root = tmp_path_factory.mktemp("sw")
+    return prepare_shapesworld(root, "tiny", images=24, text_docs=150, quiet=True)
+
+
+def _config(prepared, *extra):
+    from megatron_vlm.config import load_config
+
+    return load_config("tiny", ["data.kind=blend", *prepared.overrides(),
+                                "data.ratios={captions: 1.0}", *extra])
+
+
+def test_in_process_encoding_matches_the_precompute_tool(prepared, runtime):
+    from megatron_vlm.evaluation.eval_images import ImageSource
+    from megatron_vlm.evaluation.tasks import load_task
+
+    cfg = _config(prepared)
+    examples = load_task("shapesworld_vqa", str(prepared.raw), limit=5)
+    stored = ImageSource(cfg, str(prepared.eval_images)).images(examples)
+    torch.manual_seed(999)  # the encoder must not depend on the RNG state it is built in
+    encoded = ImageSource(cfg, None).images(examples)
+    for a, b in zip(stored, encoded):
+        assert a.shape == b.shape == (16, 32)
+        # the stored embeddings are bf16: equal up to bf16 rounding
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2)
+    # another image gives another embedding (the check is not vacuous)
+    other = next(i for i, ex in enumerate(examples) if ex.image != examples[0].image)
+    assert (encoded[0].float() - encoded[other].float()).abs().max() > 0.1
+
+
+def test_online_encoder_gets_pixels_and_refuses_precomputed_embeddings(prepared, runtime):
+    from megatron_vlm.evaluation.eval_images import ImageSource
+    from megatron_vlm.evaluation.tasks import load_task
+
+    cfg = _config(prepared, "model.encoder.mode=online", "evaluation.image_embeddings=null")
+    examples = load_task("shapesworld_pope", str(prepared.raw), limit=2)
+    images = ImageSource(cfg, None).images(examples)
+    assert all(img.shape == (3, 56, 56) for img in images)
+    with pytest.raises(ValueError, match="runs online"):
+        ImageSource(cfg, str(prepared.eval_images))
+
+
+def test_missing_image_and_missing_embedding_are_clear_errors(prepared, runtime, tmp_path):
+    import dataclasses
+
+    from megatron_vlm.evaluation.eval_images import ImageSource
+    from megatron_vlm.evaluation.tasks import load_task
+
+    cfg = _config(prepared)
+    example = load_task("shapesworld_vqa", str(prepared.raw), limit=1)[0]
+    gone = dataclasses.replace(example, image="nope.jpg")
+    with pytest.raises(ValueError, match="image 'nope.jpg' has no embedding"):
+        ImageSource(cfg, str(prepared.eval_images)).images([gone])
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        ImageSource(cfg, None).images([gone])

@@ -1,0 +1,116 @@
+"""tools/evaluate_vlm.py end to end: a tiny VLM trained on ShapesWorld, evaluated on the
+ShapesWorld vision and text suites; results files, skipping what is scored, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distributed import REPO, free_port
+
+
+def tool(script, *args, timeout=600):
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO),
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny VLM trained a few steps on ShapesWorld captions and conversations (its config
+    records where the evaluation data is, as examples/tiny_cpu does)."""
+    from megatron_vlm.data.prepare import prepare_shapesworld
+
+    root = tmp_path_factory.mktemp("sw")
+    data = prepare_shapesworld(root / "data", "tiny", images=64, text_docs=300, quiet=True)
+    run = root / "run"
+    proc = tool("pretrain_vlm.py", "--recipe", "tiny", "data.kind=blend", *data.overrides(),
+                "data.ratios={captions: 0.3, instructions: 0.7}", "train.train_iters=6",
+                "checkpoint.save_fractions=[1.0]", f"output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, run
+
+
+def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_path):
+    data, run = trained
+    out = tmp_path / "eval"
+    proc = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite", "shapesworld",
+                "--limit", "6", "--output", str(out), "--no-progress", "--json",
+                "evaluation.batch_size=4", "evaluation.max_new_tokens=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    tasks = results["tasks"]
+    assert {"shapesworld_vqa", "shapesworld_pope", "shapesworld_ref"} <= set(tasks)
+    assert any(entry["kind"] == "text" for entry in tasks.values())
+    for task, entry in tasks.items():
+        assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0, task
+    pope = tasks["shapesworld_pope"]["metrics"]
+    assert {"accuracy/random", "accuracy/popular", "accuracy/adversarial"} <= set(pope)
+    assert set(results["stable_score"]) == {"vision", "text"}
+    assert printed["stable_score"]["vision"] == results["stable_score"]["vision"]["score"]
+    lines = (out / "predictions" / "shapesworld_vqa.jsonl").read_text().splitlines()
+    assert len(lines) == tasks["shapesworld_vqa"]["metrics"]["n"]
+    table = (out / "results.md").read_text()
+    assert "| shapesworld_vqa | vision |" in table and "| vision |" in table
+    # the predictions file re-scores offline to the same accuracy
+    sw = data.raw
+    rescored = tool("tools/score_predictions.py", "--task", "shapesworld_vqa", "--predictions",
+                    str(out / "predictions" / "shapesworld_vqa.jsonl"), "--annotations",
+                    str(sw / "eval" / "vqav2" / "questions.json"),
+                    str(sw / "eval" / "vqav2" / "annotations.json"), "--json",
+                    "--allow-missing")
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    # a second run finds every task scored for this checkpoint and runs nothing
+    again = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite", "shapesworld",
+                 "--limit", "6", "--output", str(out), "--no-progress",
+                 "evaluation.batch_size=4", "evaluation.max_new_tokens=12")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already scored") == len(tasks)
+    assert json.loads((out / "results.json").read_text())["tasks"] == tasks
+
+
+def test_bad_inputs_get_one_clear_line(trained, tmp_path):
+    _, run = trained
+    missing = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite",
+                   "shapesworld_vision", "--tasks", "shapesworld_vqa", "--output",
+                   str(tmp_path / "a"), f"evaluation.data_root={tmp_path}/nothing-here")
+    assert missing.returncode == 2
+    assert "evaluate_vlm: error:" in missing.stderr and "Traceback" not in missing.stderr
+    other_shape = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite",
+                       "shapesworld_vision", "--output", str(tmp_path / "b"),
+                       "model.decoder.hidden_size=128")
+    assert other_shape.returncode == 2, other_shape.stderr[-2000:]
+    assert "hidden_size" in other_shape.stderr and "Traceback" not in other_shape.stderr
+    no_ckpt = tool("tools/evaluate_vlm.py", "--checkpoint", str(tmp_path / "none"), "--suite",
+                   "shapesworld")
+    assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr
+    unknown_task = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite",
+                        "shapesworld", "--tasks", "vqav2")
+    assert unknown_task.returncode == 2 and "not in suite" in unknown_task.stderr
+    assert tool("tools/evaluate_vlm.py", "--help").returncode == 0
+
+
+def test_data_parallel_replicas_give_the_single_process_predictions(trained, tmp_path):
+    """Two replicas split the examples (an odd number: unequal shares) and gather them back in
+    the examples' order: the files equal a one-process run's."""
+    from distributed import torchrun
+
+    _, run = trained
+    args = ["--checkpoint", str(run), "--suite", "shapesworld_vision", "--tasks",
+            "shapesworld_vqa", "shapesworld_ref", "--limit", "5", "--no-progress",
+            "evaluation.batch_size=2", "evaluation.max_new_tokens=8"]
+    single = tool("tools/evaluate_vlm.py", *args, "--output", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    replicas = torchrun("tools/evaluate_vlm.py", [*args, "--output", str(tmp_path / "two")],
+                        nproc=2, module=False)
+    assert replicas.returncode == 0, replicas.stderr[-3000:]
+    for task in ("shapesworld_vqa", "shapesworld_ref"):
+        one = (tmp_path / "one" / "predictions" / f"{task}.jsonl").read_text()
+        two = (tmp_path / "two" / "predictions" / f"{task}.jsonl").read_text()
+        assert len(one.splitlines()) == 5 and one == two, task
