@@ -73,6 +73,15 @@ def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already scored") == len(tasks)
     assert json.loads((out / "results.json").read_text())["tasks"] == tasks
+    # --redo of one suite runs its tasks again and keeps the other suite's results
+    text_only = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite",
+                     "shapesworld_text", "--limit", "6", "--output", str(out), "--no-progress",
+                     "--redo", "evaluation.batch_size=4")
+    assert text_only.returncode == 0, text_only.stderr[-3000:]
+    assert "already scored" not in text_only.stderr and "keeping 3 earlier results" in text_only.stderr
+    merged = json.loads((out / "results.json").read_text())
+    assert set(merged["tasks"]) == set(tasks)
+    assert merged["stable_score"]["vision"] == results["stable_score"]["vision"]
 
 
 def test_bad_inputs_get_one_clear_line(trained, tmp_path):

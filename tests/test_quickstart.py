@@ -37,6 +37,16 @@ def test_end_to_end_from_raw_files_to_a_falling_loss(tmp_path):
     assert "runtime: CPU mode" in proc.stderr
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "data" / "shards" / "captions" / "index.json").exists()
+    # then the final checkpoint is evaluated on ShapesWorld's vision and text tasks
+    assert "evaluation of the final checkpoint" in out
+    for task in ("shapesworld_vqa", "shapesworld_pope", "shapesworld_ref", "shapesworld_arith"):
+        assert f"| {task} |" in out, task
+    assert "| vision |" in out and "| text |" in out
+    assert (tmp_path / "run" / "eval" / "results.json").exists()
+    # a rerun trains again (it does not resume at the end of the first run) and re-evaluates
+    again = run("train.train_iters=4", "--eval-limit", "2", f"output_dir={tmp_path}/run")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(loss_rows(again.stdout)) == 4 and "evaluation of the final checkpoint" in again.stdout
 
 
 def test_random_batches_mode_and_help(tmp_path):

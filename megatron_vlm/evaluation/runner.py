@@ -187,7 +187,7 @@ def evaluate(request: EvalRequest) -> dict:
                          f"checkpoint's model has {cfg.model.decoder.vocab_size} embedding rows")
     output = Path(request.output_dir) if request.output_dir else default_output_dir(checkpoint)
     results_path = output / RESULTS_NAME
-    previous = {} if request.redo else load_results(results_path)
+    previous = load_results(results_path)
     fingerprint = checkpoint_fingerprint(checkpoint)
     if previous and previous.get("checkpoint", {}).get("fingerprint") != fingerprint:
         logger.info("%s holds results of another checkpoint: starting afresh", results_path)
@@ -200,7 +200,16 @@ def evaluate(request: EvalRequest) -> dict:
         "suite": request.suite, "limit": request.limit,
         "tasks": {}, "config": config_to_dict(cfg),
     }
-    done = previous.get("tasks", {})
+    done = {} if request.redo else previous.get("tasks", {})
+    # Tasks scored earlier into this directory (e.g. by another suite) at the same limit stay,
+    # so one results.json gathers a checkpoint's scores and its stable scores cover them all.
+    requested = set(vision_tasks) | set(text_tasks)
+    kept = {t: e for t, e in previous.get("tasks", {}).items()
+            if t not in requested and e.get("settings", {}).get("limit") == request.limit}
+    if kept:
+        logger.info("keeping %d earlier results from %s: %s", len(kept), results_path,
+                    ", ".join(kept))
+    results["tasks"].update(kept)
 
     def reuse(task: str, settings: dict) -> bool:
         entry = done.get(task)
