@@ -187,6 +187,13 @@ def run_text_suite(lm, suite: str | Sequence[str], include_path: Optional[str] =
             f"text suite {_name(suite)}: a data set is neither in the local datasets cache nor "
             f"reachable ({err}); fill the cache as megatron_vlm.evaluation.text_suites "
             "describes") from None
+    except ValueError as err:  # `datasets`: the data set is cached, but not this config of it
+        if not str(err).startswith("Couldn't find cache for"):
+            raise
+        raise FileNotFoundError(
+            f"text suite {_name(suite)}: a data set is not in the local datasets cache "
+            f"({' '.join(str(err).split())}); fill the cache as "
+            "megatron_vlm.evaluation.text_suites describes") from None
     summary = None if results is None else summarize(results, entries)
     return _share_from_rank0(summary)
 
