@@ -24,7 +24,8 @@ import torch
 def write_shards(root: Path, seq_length: int, captions: int, n_img: int, d_enc: int) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from megatron_vlm.data.formats import EmbeddingShardWriter, write_text_dataset
+    from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
+    from megatron_vlm.data.text_shards import write_text_dataset
 
     vocab = {f"t{i}": i for i in range(4096)}
     vocab.update({"<|endoftext|>": 0, "<|sep|>": 1})

@@ -70,8 +70,11 @@ def main() -> int:
 
     import torch
 
-    from megatron_vlm.config import load_config
-    from megatron_vlm.data import images as im
+    from megatron_vlm.config import RESIZE_MODES, load_config
+    from megatron_vlm.data.dali_pipeline import ImagePreprocessor
+    from megatron_vlm.data.image_io import SIGLIP_NORM, pil_preprocess
+    from megatron_vlm.data.image_sources import ImageRecord
+    from megatron_vlm.data.precompute import precompute_embeddings
     from megatron_vlm.model.vision_encoder import build_vision_encoder
 
     cfg = load_config("tiny")
@@ -84,8 +87,8 @@ def main() -> int:
           f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}")
 
     def preprocessor(decoder: str, size: int):
-        return im.ImagePreprocessor(size, args.resize, im.SIGLIP_NORM, batch_size=args.batch_size,
-                                    device=args.device, decoder=decoder, num_threads=args.threads)
+        return ImagePreprocessor(size, args.resize, SIGLIP_NORM, batch_size=args.batch_size,
+                                 device=args.device, decoder=decoder, num_threads=args.threads)
 
     def decode_only(pre):
         def run():
@@ -98,10 +101,10 @@ def main() -> int:
 
         def run():
             with tempfile.TemporaryDirectory() as out:
-                records = [im.ImageRecord(k, "bench", data=d) for k, d in data]
-                im.precompute_embeddings(records, encoder=encoder, preprocessor=pre, output_dir=out,
-                                         n_img=enc_cfg.num_image_tokens, d_enc=enc_cfg.embed_dim,
-                                         rows_per_shard=4096, max_skips=0, progress=False)
+                records = [ImageRecord(k, "bench", data=d) for k, d in data]
+                precompute_embeddings(records, encoder=encoder, preprocessor=pre, output_dir=out,
+                                      n_img=enc_cfg.num_image_tokens, d_enc=enc_cfg.embed_dim,
+                                      rows_per_shard=4096, max_skips=0, progress=False)
         return run
 
     tiny = enc_cfg.image_size
@@ -118,11 +121,11 @@ def main() -> int:
 
     # Accuracy of the DALI path against the PIL reference, per resize mode (first 32 images).
     diffs = {}
-    for mode in im.RESIZE_MODES:
+    for mode in RESIZE_MODES:
         for size in (tiny, 384):
-            pre = im.ImagePreprocessor(size, mode, batch_size=32, device=args.device, num_threads=args.threads)
+            pre = ImagePreprocessor(size, mode, batch_size=32, device=args.device, num_threads=args.threads)
             got = pre(data[:32]).images.cpu()
-            ref = torch.stack([im.pil_preprocess(d, size, mode) for _, d in data[:32]])
+            ref = torch.stack([pil_preprocess(d, size, mode) for _, d in data[:32]])
             per_image = (got - ref).abs().flatten(1).mean(1)
             diffs[f"{mode}_{size}"] = {"mean": float(per_image.mean()), "max": float(per_image.max())}
 

@@ -48,7 +48,7 @@ CAPTION_FILLS = ("pad", "text")
 SCHEDULE_MODES = ("from_scratch", "continue", "rewarmup")
 DECAY_STYLES = ("cosine", "linear", "constant")
 LOAD_PARTS = ("all", "decoder")
-# How images are resized for the encoder (data/images.py implements them).
+# How images are resized for the encoder (data/image_io.py implements them).
 RESIZE_MODES = ("letterbox", "resize-naive", "resize-crop")
 
 

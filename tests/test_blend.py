@@ -299,15 +299,16 @@ def test_dry_run_cli_json(capsys, tmp_path):
 def test_real_shard_sources_count_what_the_sample_builders_fill(tmp_path, capsys):
     """Per-sequence positions and loss tokens of shard sources agree with the sample builders,
     and the tool builds a blend from shards."""
-    formats = pytest.importorskip("megatron_vlm.data.formats")
-    samples = pytest.importorskip("megatron_vlm.data.samples")
+    from megatron_vlm.data import samples
     from megatron_vlm.data.blend import source_from_shards
+    from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
+    from megatron_vlm.data.instruction_shards import InstructionShardWriter
+    from megatron_vlm.data.text_shards import write_text_dataset
 
     L, n_img, sep, eos, pad = 24, 4, 1, 2, 0
     rng = np.random.default_rng(0)
     captions = [list(rng.integers(5, 50, size=n)) for n in (0, 3, 17, 18, 30)]
-    with formats.EmbeddingShardWriter(tmp_path / "cap", n_img=n_img, d_enc=8,
-                                      rows_per_shard=2) as w:
+    with EmbeddingShardWriter(tmp_path / "cap", n_img=n_img, d_enc=8, rows_per_shard=2) as w:
         for i, cap in enumerate(captions):
             w.add(f"img{i}", np.zeros((n_img, 8), np.float32), caption_tokens=cap)
     convs = []
@@ -315,11 +316,11 @@ def test_real_shard_sources_count_what_the_sample_builders_fill(tmp_path, capsys
         toks = list(rng.integers(5, 50, size=n))
         mask = list(rng.integers(0, 2, size=n))
         convs.append((toks, mask, f"img{i % 5}" if i % 2 == 0 else None))
-    with formats.InstructionShardWriter(tmp_path / "ins", rows_per_shard=4) as w:
+    with InstructionShardWriter(tmp_path / "ins", rows_per_shard=4) as w:
         for i, (toks, mask, image) in enumerate(convs):
             w.add(f"conv{i}", toks, mask, image_key=image)
-    formats.write_text_dataset(str(tmp_path / "text"), [list(range(5, 5 + n)) + [eos]
-                                                         for n in (30, 50, 7)])
+    write_text_dataset(str(tmp_path / "text"), [list(range(5, 5 + n)) + [eos]
+                                                 for n in (30, 50, 7)])
 
     cap = source_from_shards("cap", "caption", tmp_path / "cap", L)
     for i, c in enumerate(captions):

@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_vlm.data.formats import (
-    INDEX_NAME,
+from megatron_vlm.data.embedding_shards import (
     EmbeddingDataset,
     EmbeddingShardWriter,
-    InstructionDataset,
-    InstructionShardWriter,
-    PackedTextWindows,
     dequantize_fp8,
-    open_text_dataset,
     quantize_fp8,
-    write_text_dataset,
 )
+from megatron_vlm.data.instruction_shards import InstructionDataset, InstructionShardWriter
+from megatron_vlm.data.shard_io import INDEX_NAME
+from megatron_vlm.data.text_shards import open_text_dataset, write_text_dataset
+from megatron_vlm.data.text_windows import PackedTextWindows
 
 N_IMG, D_ENC = 6, 16
 
@@ -169,7 +167,7 @@ def test_checksums_detect_tampered_file(tmp_path):
 
 _CRASH_SCRIPT = """
 import os, sys, torch
-from megatron_vlm.data.formats import EmbeddingShardWriter
+from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
 w = EmbeddingShardWriter(sys.argv[1], {n_img}, {d_enc}, rows_per_shard=4)
 for i in range(7):
     w.add(f"img{{i}}", torch.randn({n_img}, {d_enc}, generator=torch.Generator().manual_seed(i)))

@@ -16,8 +16,9 @@ N_IMG, D_ENC = 16, 32
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Synthetic raw files -> text, caption and instruction shards (embeddings are random)."""
-    from megatron_vlm.data.formats import EmbeddingShardWriter, preprocess_text
-    from megatron_vlm.data.samples import preprocess_llava
+    from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
+    from megatron_vlm.data.llava_preprocess import preprocess_llava
+    from megatron_vlm.data.text_preprocess import preprocess_text
     from megatron_vlm.data.tokenizer import load_tokenizer
     from megatron_vlm.synthetic.generate import ShapesWorldConfig, generate
 

@@ -17,8 +17,16 @@ pytest.importorskip("nvidia.dali", reason="DALI (nvidia-dali-cuda120) is not ins
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from megatron_vlm.data import images as im  # noqa: E402
-from megatron_vlm.data.formats import EmbeddingDataset  # noqa: E402
+from megatron_vlm.config import RESIZE_MODES  # noqa: E402
+from megatron_vlm.data.dali_pipeline import ImagePreprocessor  # noqa: E402
+from megatron_vlm.data.embedding_shards import EmbeddingDataset  # noqa: E402
+from megatron_vlm.data.image_io import (  # noqa: E402
+    SIGLIP_NORM,
+    encoder_image_norm,
+    pil_preprocess,
+    resize_geometry,
+)
+from megatron_vlm.data.precompute import SkipLimitExceeded  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "precompute_image_embeddings.py"
@@ -68,10 +76,10 @@ def samples():
 
 # ---- decode + resize ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", im.RESIZE_MODES)
+@pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_dali_cpu_matches_pil_reference(samples, mode):
     # batch size 4 over 14 images: three full batches and a last partial one
-    pre = im.ImagePreprocessor(S, mode, im.SIGLIP_NORM, batch_size=4, device="cpu")
+    pre = ImagePreprocessor(S, mode, SIGLIP_NORM, batch_size=4, device="cpu")
     assert pre.device.type == "cpu" and pre.decoder == "dali"
     out = pre(samples)
     assert out.failures == [] and out.pil_decoded == 0
@@ -79,7 +87,7 @@ def test_dali_cpu_matches_pil_reference(samples, mode):
     assert out.images.shape == (len(samples), 3, S, S) and out.images.dtype == torch.float32
     diffs = []
     for (key, data), got in zip(samples, out.images):
-        ref = im.pil_preprocess(data, S, mode, im.SIGLIP_NORM)
+        ref = pil_preprocess(data, S, mode, SIGLIP_NORM)
         diffs.append(float((got - ref).abs().mean()))
     # measured: mean abs difference <= 0.003 per image (normalized scale [-1, 1]); same-size
     # images (56x56) come out identical
@@ -92,7 +100,7 @@ def test_letterbox_keeps_aspect():
     fill = (127 / 255 - 0.5) / 0.5
     wide = encode(Image.new("RGB", (112, 56), (255, 0, 0)), "PNG")   # 2:1 -> 28 rows of image
     tall = encode(Image.new("RGB", (28, 56), (0, 0, 255)), "PNG")    # 1:2 -> 28 columns of image
-    pre = im.ImagePreprocessor(S, "letterbox", batch_size=2, device="cpu")
+    pre = ImagePreprocessor(S, "letterbox", batch_size=2, device="cpu")
     out = pre([("wide", wide), ("tall", tall)]).images
     w, t = out[0], out[1]
     # wide: padding rows top (0..13) and bottom (42..55), red rows in the middle; the bicubic
@@ -107,33 +115,33 @@ def test_letterbox_keeps_aspect():
     assert torch.allclose(t[:, :, 16:40], blue.expand(3, S, 24), atol=1e-3)
     # the other modes fill the whole square with image
     for mode in ("resize-naive", "resize-crop"):
-        o = im.ImagePreprocessor(S, mode, batch_size=1, device="cpu")([("wide", wide)]).images[0]
+        o = ImagePreprocessor(S, mode, batch_size=1, device="cpu")([("wide", wide)]).images[0]
         assert torch.allclose(o, red.expand(3, S, S), atol=1e-3)
 
 
 def test_geometry():
-    g = im.resize_geometry(200, 100, 50, "letterbox")
+    g = resize_geometry(200, 100, 50, "letterbox")
     assert (g.anchor, g.window, g.resize, g.pad_first) == ((-50, 0), (200, 200), (50, 50), True)
-    g = im.resize_geometry(101, 50, 50, "letterbox")
+    g = resize_geometry(101, 50, 50, "letterbox")
     assert g.anchor == (-25, 0) and g.window == (101, 101)
-    g = im.resize_geometry(100, 300, 50, "resize-crop")   # shorter side 50, longer 150
+    g = resize_geometry(100, 300, 50, "resize-crop")   # shorter side 50, longer 150
     assert g.resize == (150, 50) and g.anchor == (50, 0) and g.window == (50, 50)
-    g = im.resize_geometry(75, 50, 50, "resize-crop")     # 75 wide: offset round(12.5) = 12
+    g = resize_geometry(75, 50, 50, "resize-crop")     # 75 wide: offset round(12.5) = 12
     assert g.resize == (50, 75) and g.anchor == (0, 12)
-    g = im.resize_geometry(77, 50, 50, "resize-crop")     # 77 wide: offset round(13.5) = 14
+    g = resize_geometry(77, 50, 50, "resize-crop")     # 77 wide: offset round(13.5) = 14
     assert g.resize == (50, 77) and g.anchor == (0, 14)
     with pytest.raises(ValueError, match="resize mode"):
-        im.resize_geometry(10, 10, 5, "squash")
+        resize_geometry(10, 10, 5, "squash")
 
 
 def test_norm_from_open_clip_config():
     from megatron_vlm.config import load_config
 
     cfg = load_config("tiny")
-    assert im.encoder_image_norm(cfg.model.encoder) == im.SIGLIP_NORM        # custom tower
+    assert encoder_image_norm(cfg.model.encoder) == SIGLIP_NORM        # custom tower
     so400m = load_config("tiny", ["model.encoder.open_clip_model=ViT-SO400M-14-SigLIP-384",
                                   "model.encoder.custom_vision_cfg=null"])
-    norm = im.encoder_image_norm(so400m.model.encoder)
+    norm = encoder_image_norm(so400m.model.encoder)
     assert norm.mean == (0.5, 0.5, 0.5) and norm.std == (0.5, 0.5, 0.5) and norm.interpolation == "bicubic"
     assert norm.fill == (127, 127, 127)
 
@@ -144,14 +152,14 @@ def test_bad_images_are_reported_by_key(samples):
     png = bytearray(encode(picture(80, 60, 9), "PNG"))   # damaged pixel data, intact end marker
     n = len(png)
     png[n // 2: n // 2 + 300] = bytes(np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8))
-    pre = im.ImagePreprocessor(S, "letterbox", batch_size=8, device="cpu")
+    pre = ImagePreprocessor(S, "letterbox", batch_size=8, device="cpu")
     out = pre([("ok1", good), ("trunc", truncated), ("garbage", b"not an image" * 9), ("empty", b""),
                ("badpng", bytes(png)), ("ok2", good)])
     assert out.keys == ["ok1", "ok2"]
     reasons = {f.key: f.reason for f in out.failures}
     assert reasons == {"trunc": "corrupt", "garbage": "unreadable", "empty": "unreadable", "badpng": "corrupt"}
     assert pre.dali_failures == 1   # the damaged PNG failed a DALI batch; the others were kept
-    ref = im.pil_preprocess(good, S, "letterbox")
+    ref = pil_preprocess(good, S, "letterbox")
     assert float((out.images[0] - ref).abs().mean()) < 0.01
 
 
@@ -245,9 +253,9 @@ def _check_against_encoder(out_dir, expected, weights_path, mode, tok_path=None)
     assert (ds.n_img, ds.d_enc) == (16, 32)
     enc = _encoder(weights_path)
     tok = load_tokenizer(tok_path) if tok_path else None
-    dali = im.ImagePreprocessor(S, mode, batch_size=8, device="cpu")([(k, expected[k][0]) for k in good]).images
+    dali = ImagePreprocessor(S, mode, batch_size=8, device="cpu")([(k, expected[k][0]) for k in good]).images
     with torch.no_grad():
-        via_pil = enc(torch.stack([im.pil_preprocess(expected[k][0], S, mode) for k in good]))
+        via_pil = enc(torch.stack([pil_preprocess(expected[k][0], S, mode) for k in good]))
         via_dali = enc(dali)
     for i, key in enumerate(good):
         stored = ds.embedding(ds.index_of(key)).float()
@@ -287,7 +295,7 @@ def test_tool_tar_end_to_end(tmp_path, tar_inputs, weights, tok_path, caplog):
 def test_tool_over_max_skips_stops(tmp_path, tar_inputs, weights):
     root, _ = tar_inputs
     out = tmp_path / "emb"
-    with pytest.raises(im.SkipLimitExceeded, match=r"2 images skipped, more than --max-skips=1.*'000010001'"):
+    with pytest.raises(SkipLimitExceeded, match=r"2 images skipped, more than --max-skips=1.*'000010001'"):
         run_tool("--recipe", "tiny", f"model.encoder.weights_path={weights}", "--tar", root / "shard-000.tar",
                  root / "shard-001.tar", "--output", out, "--batch-size", 2, "--rows-per-shard", 2, "--max-skips", 1,
                  "--no-progress")

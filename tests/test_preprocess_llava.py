@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from megatron_vlm.data.formats import InstructionDataset
-from megatron_vlm.data.samples import build_instruction_sample, preprocess_llava
+from megatron_vlm.data.instruction_shards import InstructionDataset
+from megatron_vlm.data.llava_preprocess import preprocess_llava
+from megatron_vlm.data.samples import build_instruction_sample
 
 TOOL = str(REPO_ROOT / "tools" / "preprocess_llava.py")
 WORDS = "what color is the square red why paint it hello hi there be brief".split()

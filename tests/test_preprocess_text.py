@@ -11,12 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_vlm.data.formats import (
-    open_text_dataset,
-    preprocess_text,
-    text_manifest_path,
-    text_shard_prefixes,
-)
+from megatron_vlm.data.text_preprocess import preprocess_text
+from megatron_vlm.data.text_shards import open_text_dataset, text_manifest_path, text_shard_prefixes
 from megatron_vlm.data.tokenizer import load_tokenizer
 
 SENTENCES = [

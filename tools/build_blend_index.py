@@ -95,11 +95,11 @@ def shard_sources(items: Sequence[str], args: argparse.Namespace):
         parsed.append(parts)
     n_img = args.n_img
     if n_img is None:   # take it from a caption source of the same blend
-        from megatron_vlm.data import formats
+        from megatron_vlm.data.embedding_shards import EmbeddingDataset
 
         for _, kind, path in parsed:
             if kind == "caption":
-                n_img = formats.EmbeddingDataset(path).n_img
+                n_img = EmbeddingDataset(path).n_img
                 break
     return [source_from_shards(name, kind, path, args.seq_length, n_img=n_img,
                                eos_id=args.eos_id, count_padding=args.count_padding,

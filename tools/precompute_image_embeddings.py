@@ -38,8 +38,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser():
-    from megatron_vlm.config import config_arg_parser
-    from megatron_vlm.data.images import DECODERS, DEVICES, RESIZE_MODES
+    from megatron_vlm.config import RESIZE_MODES, config_arg_parser
+    from megatron_vlm.data.dali_pipeline import DECODERS, DEVICES
 
     p = config_arg_parser(__doc__, prog=PROG)
     src = p.add_argument_group("inputs")
@@ -116,7 +116,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
 
     from megatron_vlm.config import config_to_dict, load_config
-    from megatron_vlm.data import images as im
+    from megatron_vlm.data.dali_pipeline import ImagePreprocessor
+    from megatron_vlm.data.image_io import encoder_image_norm
+    from megatron_vlm.data.image_sources import (
+        count_folder_records,
+        expand_tar_inputs,
+        iter_folder_records,
+        iter_tar_records,
+    )
+    from megatron_vlm.data.precompute import precompute_embeddings
 
     cfg = load_config(args.recipe, args.overrides)
     enc_cfg = cfg.model.encoder
@@ -129,9 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from megatron_vlm.model.vision_encoder import build_vision_encoder
 
-    norm = im.encoder_image_norm(enc_cfg)
-    pre = im.ImagePreprocessor(enc_cfg.image_size, args.resize, norm, batch_size=args.batch_size,
-                               device=args.device, decoder=args.decoder, num_threads=args.num_threads)
+    norm = encoder_image_norm(enc_cfg)
+    pre = ImagePreprocessor(enc_cfg.image_size, args.resize, norm, batch_size=args.batch_size,
+                            device=args.device, decoder=args.decoder, num_threads=args.num_threads)
     torch.manual_seed(cfg.seed)  # a random-init encoder (tests) is the same in every run
     encoder = build_vision_encoder(enc_cfg)
     encoder.set_frozen(True)
@@ -145,15 +153,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
 
     if args.tar:
-        inputs = [os.path.abspath(t) for t in im.expand_tar_inputs(args.tar)]
-        records = lambda done: im.iter_tar_records(inputs, skip_keys=done)  # noqa: E731
+        inputs = [os.path.abspath(t) for t in expand_tar_inputs(args.tar)]
+        records = lambda done: iter_tar_records(inputs, skip_keys=done)  # noqa: E731
         total = None
     else:
         folder = args.image_folder or os.path.dirname(os.path.abspath(args.jsonl))
         inputs = [os.path.abspath(args.jsonl or args.image_list)]
-        records = lambda done: im.iter_folder_records(folder, jsonl=args.jsonl,  # noqa: E731
-                                                      image_list=args.image_list)
-        total = im.count_folder_records(args.jsonl, args.image_list)
+        records = lambda done: iter_folder_records(folder, jsonl=args.jsonl,  # noqa: E731
+                                                   image_list=args.image_list)
+        total = count_folder_records(args.jsonl, args.image_list)
 
     encoder_dict = config_to_dict(cfg)["model"]["encoder"]
     weights = enc_cfg.weights_path
@@ -175,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("%s: %s -> %s (%s, %s, batch %d)", PROG, ", ".join(inputs[:3]) + (" ..." if len(inputs) > 3 else ""),
              args.output, args.resize, args.dtype, args.batch_size)
     try:
-        summary = im.precompute_embeddings(
+        summary = precompute_embeddings(
             records, encoder=encoder, preprocessor=pre, output_dir=args.output,
             n_img=enc_cfg.num_image_tokens, d_enc=enc_cfg.embed_dim, tokenizer=tokenizer,
             dtype=args.dtype, rows_per_shard=args.rows_per_shard, max_skips=args.max_skips,

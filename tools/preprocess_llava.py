@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     log = configure_logging()
     args = parse_args(argv)
-    from megatron_vlm.data.samples import preprocess_llava
+    from megatron_vlm.data.llava_preprocess import preprocess_llava
 
     summary = preprocess_llava(
         args.input, args.image_root, args.tokenizer, args.output_dir,

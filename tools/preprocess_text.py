@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     log = configure_logging()
     args = parse_args(argv)
-    from megatron_vlm.data.formats import preprocess_text
+    from megatron_vlm.data.text_preprocess import preprocess_text
 
     summary = preprocess_text(
         args.input, args.tokenizer, args.output_prefix, docs_per_shard=args.docs_per_shard,

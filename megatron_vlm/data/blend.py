@@ -895,7 +895,9 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
     to those records, in that order (e.g. leaving out conversations whose image is missing)."""
     from tqdm import tqdm
 
-    from megatron_vlm.data import formats
+    from megatron_vlm.data.embedding_shards import EmbeddingDataset
+    from megatron_vlm.data.instruction_shards import InstructionDataset
+    from megatron_vlm.data.text_shards import open_text_dataset
 
     L = int(seq_length)
     if kind == "text":
@@ -903,7 +905,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
         prefixes = [p for item in prefixes for p in str(item).split(",") if p]
         total = 0
         for prefix in prefixes:
-            ds = formats.open_text_dataset(prefix)
+            ds = open_text_dataset(prefix)
             total += int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
         windows = max(0, (total - 1) // L)
         if windows < 1:
@@ -911,7 +913,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
                              f"no window of seq_length={L} + 1 tokens")
         return BlendSource(name, windows, L, loss_tokens=L, image_positions=0)
     if kind == "caption":
-        ds = formats.EmbeddingDataset(str(path))
+        ds = EmbeddingDataset(str(path))
         if len(ds) == 0:
             raise ValueError(f"caption source {name!r} ({path}) holds no records")
         n = ds.n_img
@@ -931,7 +933,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
         return BlendSource(name, len(ds), positions, loss_tokens=(1 + caption).astype(np.int32),
                            image_positions=n)
     if kind == "instruction":
-        ds = formats.InstructionDataset(str(path))
+        ds = InstructionDataset(str(path))
         count = len(ds)
         if count == 0:
             raise ValueError(f"instruction source {name!r} ({path}) holds no records")

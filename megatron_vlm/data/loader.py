@@ -47,12 +47,10 @@ class DataSources:
 
     def __init__(self, data_cfg, seq_length: int, num_image_tokens: int, embed_dim: int,
                  vocab_size: int):
-        from megatron_vlm.data.formats import (
-            EmbeddingDataset,
-            InstructionDataset,
-            PackedTextWindows,
-            text_shard_prefixes,
-        )
+        from megatron_vlm.data.embedding_shards import EmbeddingDataset
+        from megatron_vlm.data.instruction_shards import InstructionDataset
+        from megatron_vlm.data.text_shards import text_shard_prefixes
+        from megatron_vlm.data.text_windows import PackedTextWindows
         from megatron_vlm.data.tokenizer import load_tokenizer
 
         self.cfg = data_cfg
@@ -112,7 +110,7 @@ class DataSources:
     def blend_sources(self) -> list[BlendSource]:
         """Per source: sequence count and the positions, loss tokens and image positions of
         every sequence, as the blend index counts them."""
-        from megatron_vlm.data.formats import text_shard_prefixes
+        from megatron_vlm.data.text_shards import text_shard_prefixes
 
         common = dict(n_img=self.n_img, eos_id=self.eos_id)
         kinds = {"text": ("text", text_shard_prefixes(self.cfg.text)),

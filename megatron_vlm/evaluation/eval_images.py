@@ -59,7 +59,7 @@ class ImageSource:
                 raise ValueError("evaluation.image_embeddings is set but the checkpoint's encoder "
                                  "runs online (model.encoder.mode=online): its own, possibly "
                                  "trained, encoder must see the images; unset it")
-            from megatron_vlm.data.formats import EmbeddingDataset
+            from megatron_vlm.data.embedding_shards import EmbeddingDataset
 
             self.embeddings = EmbeddingDataset(embeddings_dir)
             enc = cfg.model.encoder
@@ -79,7 +79,8 @@ class ImageSource:
     def _pixels(self, examples: Sequence[Example]) -> torch.Tensor:
         """Decoded, resized, normalized images [k, 3, S, S] through the precompute tool's
         preprocessor (DALI where it decodes, PIL otherwise), on the runtime's device."""
-        from megatron_vlm.data.images import ImagePreprocessor, encoder_image_norm
+        from megatron_vlm.data.dali_pipeline import ImagePreprocessor
+        from megatron_vlm.data.image_io import encoder_image_norm
         from megatron_vlm.runtime import current_device
 
         if self.preprocessor is None:
@@ -141,7 +142,7 @@ class ImageSource:
             for row, i in enumerate(todo):
                 out[i] = pixels[row]
             return out
-        from megatron_vlm.data.images import encode_images
+        from megatron_vlm.data.precompute import encode_images
 
         encoded = encode_images(self._frozen_encoder(), pixels)
         for row, i in enumerate(todo):
