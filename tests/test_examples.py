@@ -25,7 +25,8 @@ IMAGE_START = {"tiny_cpu": 0.8, "79m": 0.8, "1b": 0.8, "7b": 0.5}
 STAGES = ("text", "image_text", "image_text_rewarmup", "image_text_scratch", "finetune")
 DATA_ROOT = "/data/megatron-vlm/"
 
-ALL_YAMLS = sorted(EXAMPLES.rglob("*.yaml"))
+# The stage configs of every scale (examples/sweeps holds sweep files, not configs).
+ALL_YAMLS = sorted(p for scale in SCALES for p in (EXAMPLES / scale).glob("*.yaml"))
 
 
 def cfg(scale, stage):
