@@ -168,7 +168,10 @@ class EncoderConfig(_Section):
     _PATH = "model.encoder"
 
     mode: str = "precomputed"
-    """'precomputed': patch embeddings are read from shards; 'online': the tower runs on images."""
+    """'precomputed': patch embeddings are read from embedding shards; 'online': the tower runs
+    on images read from image shards (tools/precompute_image_embeddings.py --store images),
+    decoded and resized in the loader's workers. data.captions and data.instruction_images must
+    be of the mode's kind (docs/data.md)."""
     embed_dim: int = 1152
     """Width d_enc of the patch embeddings fed to the projector."""
     num_image_tokens: int = 729
@@ -338,11 +341,15 @@ class DataConfig(_Section):
     text: Optional[str] = None
     """Text shards: the output prefix given to tools/preprocess_text.py."""
     captions: Optional[str] = None
-    """Caption shards: an image-embedding directory written with captions."""
+    """Caption shards written with captions by tools/precompute_image_embeddings.py: an
+    image-embedding directory (model.encoder.mode=precomputed) or, for
+    model.encoder.mode=online, an image-shard directory (--store images); the kind is read from
+    its index.json and must match the mode."""
     instructions: Optional[str] = None
     """Instruction shards: a directory written by tools/preprocess_llava.py."""
     instruction_images: Optional[str] = None
-    """Image-embedding directory holding the instruction images (keys = image paths)."""
+    """The instruction images (keys = image paths): an image-embedding directory, or an
+    image-shard directory for model.encoder.mode=online, as data.captions."""
     ratios: dict = field(default_factory=dict)
     """Target share of training tokens per source, e.g. {text: 0.9, captions: 0.1}; sums to 1."""
     total_tokens: Optional[int] = None
@@ -359,8 +366,9 @@ class DataConfig(_Section):
     cache_dir: Optional[str] = None
     """Where blend indices are cached; null means OUTPUT_DIR/blend_cache."""
     max_skips: int = 0
-    """Records allowed to be skipped (e.g. an instruction whose image has no embedding) before
-    the loader stops with an error; skips are counted and listed."""
+    """Records allowed to be skipped (e.g. an instruction whose image is not in
+    data.instruction_images) before the loader stops with an error; skips are counted and
+    listed."""
 
     def _check(self) -> None:
         self._check_choice("kind", DATA_KINDS)
@@ -526,6 +534,10 @@ class EvaluationConfig(_Section):
     or 'resize-crop' (tools/precompute_image_embeddings.py --resize). null: the mode the
     training caption embeddings were made with (data.captions' precompute.json), else
     'letterbox'."""
+    blank_images: bool = False
+    """Replace every evaluation image by one blank image (the encoder's fill colour), encoded
+    the same way: the drop of the vision scores against a normal run is what the model learned
+    to take from images."""
     system_prompt: Optional[str] = None
     """System prompt in front of every question; null: the one the instruction shards of the
     checkpoint's data.instructions were made with (none if there are none)."""

@@ -41,16 +41,38 @@ def test_in_process_encoding_matches_the_precompute_tool(prepared, runtime):
     assert (encoded[0].float() - encoded[other].float()).abs().max() > 0.1
 
 
-def test_online_encoder_gets_pixels_and_refuses_precomputed_embeddings(prepared, runtime):
+def test_online_encoder_gets_pixels_and_ignores_precomputed_embeddings(prepared, runtime):
     from megatron_vlm.evaluation.eval_images import ImageSource
     from megatron_vlm.evaluation.tasks import load_task
 
-    cfg = _config(prepared, "model.encoder.mode=online", "evaluation.image_embeddings=null")
+    cfg = _config(prepared, "model.encoder.mode=online")
     examples = load_task("shapesworld_pope", str(prepared.raw), limit=2)
-    images = ImageSource(cfg, None).images(examples)
+    # the config names precomputed embeddings (inherited): the online encoder sees pixels
+    source = ImageSource(cfg, str(prepared.eval_images))
+    assert source.embeddings is None and "online encoder" in source.describe()
+    images = source.images(examples)
     assert all(img.shape == (3, 56, 56) for img in images)
-    with pytest.raises(ValueError, match="runs online"):
-        ImageSource(cfg, str(prepared.eval_images))
+
+
+def test_blank_images_are_one_encoded_blank_image(prepared, runtime):
+    from megatron_vlm.evaluation.eval_images import ImageSource
+    from megatron_vlm.evaluation.tasks import load_task
+
+    cfg = _config(prepared)
+    examples = load_task("shapesworld_vqa", str(prepared.raw), limit=6)
+    real = ImageSource(cfg, None).images(examples)
+    blank = ImageSource(cfg, str(prepared.eval_images), blank=True)
+    assert "BLANK" in blank.describe()
+    got = blank.images(examples)
+    assert all(torch.equal(g, got[0]) for g in got) and got[0].shape == real[0].shape
+    assert all((g.float() - r.float()).abs().max() > 0.1 for g, r in zip(got, real))
+    # the blank image is the fill colour, which normalizes to (nearly) zero, through the encoder
+    online = ImageSource(_config(prepared, "model.encoder.mode=online"), None, blank=True)
+    pixels = online.images(examples[:2])
+    assert pixels[0].shape == (3, 56, 56) and float(pixels[0].abs().max()) < 1e-2
+    with torch.no_grad():
+        expected = blank._frozen_encoder()(pixels[0][None])[0]
+    torch.testing.assert_close(got[0].float(), expected.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_missing_image_and_missing_embedding_are_clear_errors(prepared, runtime, tmp_path):

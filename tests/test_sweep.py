@@ -288,7 +288,7 @@ def test_example_sweeps_cover_the_papers_experiments():
     assert grids["fig6_image_ratio_scratch_1b.yaml"]["text_checkpoint"] == (0,)
     assert "instruction_fraction" in grids["fig7_instruction_data_1b.yaml"]
     assert len(grids["fig8_finetune_epochs_1b.yaml"]["finetune_epochs"]) > 1
-    ablation = grids["seed_ablation_1b.yaml"]
+    ablation = grids["seed_ablations_1b.yaml"]
     assert ablation["encoder"] == ("frozen", "unfrozen") and ablation["projector"] == (
         "mlp2", "linear")
 

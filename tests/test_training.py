@@ -214,6 +214,29 @@ def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_pat
     assert first_image_lr == pytest.approx(LRSchedule.warmup_cosine(10, 0, 3e-3, 1e-5).lr(8))
 
 
+def test_unfrozen_encoder_trains_on_image_shards_through_the_loader(shapesworld, tmp_path):
+    """model.encoder.mode=online on ShapesWorld's image shards: the blend loader's worker
+    decodes the images, the encoder trains; precomputed mode on the same shards is one clear
+    error at start."""
+    from megatron_vlm.data.prepare import prepare_image_shards
+
+    prepare_image_shards(shapesworld.raw.parent, "tiny", ["train.seq_length=64"], quiet=True)
+    common = ["data.kind=blend", *shapesworld.online_overrides(),
+              "data.ratios={text: 0.5, captions: 0.5}", "train.train_iters=3", "train.lr=3e-3"]
+    proc = entry("pretrain_vlm.py", *common, "model.encoder.mode=online",
+                 "model.encoder.frozen=false", "data.num_workers=1",
+                 "checkpoint.save_fractions=[1.0]", "checkpoint.save_interval=1",
+                 "checkpoint.keep_last=3", f"output_dir={tmp_path}/online")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = final_weights(tmp_path / "online", 1), final_weights(tmp_path / "online", 3)
+    encoder = [k for k in first if k.startswith("vision_encoder.")]
+    assert encoder and [k for k in encoder if not torch.equal(first[k], last[k])]
+    wrong = entry("pretrain_vlm.py", *common, "model.encoder.mode=precomputed",
+                  f"output_dir={tmp_path}/precomputed")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+    assert "holds images" in wrong.stderr and "model.encoder.mode=online" in wrong.stderr
+
+
 def test_projector_ablation_starts_from_the_text_run_decoder(text_run, tmp_path):
     """A linear projector cannot take the text run's 2-layer projector weights: the decoder
     alone loads (and, without load_parts=decoder, the mismatch is one clear error)."""

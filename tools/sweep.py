@@ -9,7 +9,7 @@ into stage runs that share what they can, run in dependency order, collected int
     python tools/sweep.py examples/sweeps/fig4_checkpoint_pct_1b.yaml --slurm slurm/fig4
     bash slurm/fig4/submit.sh                         # jobs chained with --dependency=afterok
     python tools/sweep.py SWEEP.yaml --collect        # only rebuild the results table
-    python tools/sweep.py examples/sweeps/seed_ablation_tiny_cpu.yaml --only encoder=frozen
+    python tools/sweep.py examples/sweeps/seed_ablations_tiny_cpu.yaml --only encoder=frozen
 
 Run it from the repository root: paths inside the stage configs and the sweep's output_root
 are relative to the working directory. Each run is a subprocess of pretrain_vlm.py,

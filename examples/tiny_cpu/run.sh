@@ -15,7 +15,9 @@
 # resumes at its last checkpoint and ends at once, so a rerun redoes nothing.
 #
 # The ablation stages (ablation_projector_linear, ablation_unfrozen_encoder and their
-# *_finetune runs) are not in the default STAGES: see README.md for their status.
+# *_finetune runs) are not in the default STAGES: see README.md. Asking for an
+# ablation_unfrozen_encoder stage also writes the image shards its online encoder reads
+# (runs/tiny_cpu/data/shards/online, after the data stage's shards; a rerun redoes nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root: config paths are relative to it
 
@@ -26,6 +28,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source examples/stages.sh
 
 stage data python -c "from megatron_vlm.data.prepare import prepare_shapesworld; prepare_shapesworld('runs/tiny_cpu/data', quiet=True)"
+if [[ " $STAGES " == *" ablation_unfrozen_encoder"* ]]; then
+  # Not part of the data stage: two more tool runs the default stages do not need.
+  echo "=== image shards for the online encoder of the ablation_unfrozen_encoder stages"
+  python -c "from megatron_vlm.data.prepare import prepare_image_shards; prepare_image_shards('runs/tiny_cpu/data', quiet=True)"
+fi
 run_training_stages tiny_cpu "$@"
 
 # Loss at the start and the end of each run (means over its first and last 3 steps), overall

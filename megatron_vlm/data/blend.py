@@ -883,9 +883,10 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
     * ``text``: megatron-core IndexedDataset prefix(es) (several joined with commas); one
       sequence per packed window, ``(tokens - 1) // seq_length`` windows, each filling and
       training all ``seq_length`` positions.
-    * ``caption``: an image-embedding directory; one sequence per record:
+    * ``caption``: an image-embedding or image-shard directory; one sequence per record:
       ``[image x n_img][SEP][caption][EOS]`` (caption cut to fit), loss on the separator and
       the caption. ``eos_id`` given: a caption stored with a trailing EOS is not counted twice.
+      Embedding shards know their ``n_img``; image shards need it given (the encoder's).
     * ``instruction``: an instruction directory; one sequence per conversation:
       ``[image x n_img if it has one][conversation][EOS]`` cut at ``seq_length``, loss on the
       targets of its loss mask (``n_img`` is then required when any conversation has an image).
@@ -895,7 +896,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
     to those records, in that order (e.g. leaving out conversations whose image is missing)."""
     from tqdm import tqdm
 
-    from megatron_vlm.data.embedding_shards import EmbeddingDataset
+    from megatron_vlm.data.image_shards import ImageDataset, open_image_store
     from megatron_vlm.data.instruction_shards import InstructionDataset
     from megatron_vlm.data.text_shards import open_text_dataset
 
@@ -913,10 +914,16 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
                              f"no window of seq_length={L} + 1 tokens")
         return BlendSource(name, windows, L, loss_tokens=L, image_positions=0)
     if kind == "caption":
-        ds = EmbeddingDataset(str(path))
+        ds = open_image_store(str(path))
         if len(ds) == 0:
             raise ValueError(f"caption source {name!r} ({path}) holds no records")
-        n = ds.n_img
+        if isinstance(ds, ImageDataset):
+            if n_img is None:
+                raise ValueError(f"caption source {name!r} ({path}) holds images: give n_img "
+                                 "(the image positions the encoder makes of each image)")
+            n = int(n_img)
+        else:
+            n = ds.n_img
         if n + 2 > L:
             raise ValueError(f"caption source {name!r}: n_img={n} + separator + EOS exceed "
                              f"seq_length={L}")

@@ -136,7 +136,8 @@ class ImagePreprocessor:
                 logger.info("image decode: DALI GPU mode on %s (mixed decoder, GPU resize), %s, %dx%d",
                             self.device, resize_mode, self.image_size, self.image_size)
             else:
-                logger.info("image decode: DALI CPU mode (no CUDA), %d threads, %s, %dx%d",
+                # (no CUDA call here: this may run in a loader worker forked from a CUDA process)
+                logger.info("image decode: DALI CPU mode, %d threads, %s, %dx%d",
                             self.num_threads, resize_mode, self.image_size, self.image_size)
         else:
             logger.info("image decode: PIL on the CPU, %s, %dx%d", resize_mode, self.image_size, self.image_size)

@@ -13,6 +13,16 @@ instruction sequence. Padding counts for no source. With ``data.caption_fill: te
 sequence is packed full with text documents after its EOS and counts all its positions toward
 the caption source (the filler comes from the text shards in an order of its own, chosen by the
 sequence's place in the blend, so it is as deterministic and resumable as everything else).
+
+Image sources and the encoder mode. ``data.captions`` and ``data.instruction_images`` name an
+image directory of one of two kinds, read from its ``index.json``: precomputed encoder outputs
+(embedding shards) or encoded images (image shards, :mod:`megatron_vlm.data.image_shards`).
+``model.encoder.mode=precomputed`` needs embedding shards and batches carry
+``image_embeddings``; ``model.encoder.mode=online`` needs image shards, the images are decoded,
+resized (each directory's recorded mode) and normalized in the loader's workers
+(:mod:`megatron_vlm.data.online_images`) and batches carry ``images`` [k, 3, S, S] for the
+encoder to run on. Either kind gives the same blend index: a caption sequence counts the same
+positions whatever holds its image. Any other combination stops at start with one error.
 """
 
 from __future__ import annotations
@@ -43,11 +53,15 @@ SOURCE_ORDER = DATA_SOURCES
 
 
 class DataSources:
-    """The shards named by a :class:`~megatron_vlm.config.DataConfig`, served as samples."""
+    """The shards named by a :class:`~megatron_vlm.config.DataConfig`, served as samples.
+
+    ``encoder`` is the run's :class:`~megatron_vlm.config.EncoderConfig`; its ``mode`` decides
+    which kind of image directory the image sources must be (module docstring). Without it the
+    sources are opened for precomputed embeddings (``mode=precomputed``).
+    """
 
     def __init__(self, data_cfg, seq_length: int, num_image_tokens: int, embed_dim: int,
-                 vocab_size: int):
-        from megatron_vlm.data.embedding_shards import EmbeddingDataset
+                 vocab_size: int, encoder=None):
         from megatron_vlm.data.instruction_shards import InstructionDataset
         from megatron_vlm.data.text_shards import text_shard_prefixes
         from megatron_vlm.data.text_windows import PackedTextWindows
@@ -67,6 +81,15 @@ class DataSources:
         self.skipped: dict[str, list[str]] = {}
         self.text = self.captions = self.instructions = self.instruction_images = None
         self.fill_text = data_cfg.caption_fill == "text" and "captions" in self.names
+        self.encoder_given = encoder is not None
+        self.encoder_mode = encoder.mode if encoder is not None else "precomputed"
+        self.online = self.encoder_mode == "online"
+        self.has_image_sources = "captions" in self.names or "instructions" in self.names
+        self.images = None  # the online image decoder
+        if self.online and self.has_image_sources:
+            from megatron_vlm.data.online_images import OnlineImageDecoder
+
+            self.images = OnlineImageDecoder(encoder)
         if "text" in self.names:
             self.text = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
                                           seed=data_cfg.seed)
@@ -75,34 +98,68 @@ class DataSources:
             self.filler = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
                                             seed=data_cfg.seed + 7919)
         if "captions" in self.names:
-            self.captions = EmbeddingDataset(data_cfg.captions)
-            self._check_embeddings(self.captions, "data.captions", embed_dim)
+            self.captions = self._open_images("data.captions", data_cfg.captions, embed_dim)
         if "instructions" in self.names:
             self.instructions = InstructionDataset(data_cfg.instructions)
-            self.instruction_images = EmbeddingDataset(data_cfg.instruction_images)
-            self._check_embeddings(self.instruction_images, "data.instruction_images", embed_dim)
+            self.instruction_images = self._open_images("data.instruction_images",
+                                                        data_cfg.instruction_images, embed_dim)
             self.instruction_rows = self._usable_instruction_rows()
+        if self.online and self.captions is not None and self.instruction_images is not None \
+                and self.captions.resize_mode != self.instruction_images.resize_mode:
+            logger.warning("data: data.captions images are resized %s, data.instruction_images "
+                           "%s; each is loaded with its own mode (the evaluation resizes like "
+                           "data.captions)", self.captions.resize_mode,
+                           self.instruction_images.resize_mode)
 
-    def _check_embeddings(self, dataset, key: str, embed_dim: int) -> None:
-        if (dataset.n_img, dataset.d_enc) != (self.n_img, embed_dim):
+    def _open_images(self, key: str, path: str, embed_dim: int):
+        """The image directory ``path`` of config key ``key``, which must be of the kind the
+        encoder mode reads: embedding shards (precomputed) or image shards (online)."""
+        from megatron_vlm.data.embedding_shards import EMBEDDING_FORMAT
+        from megatron_vlm.data.image_shards import IMAGE_FORMAT, STORE_KINDS, open_image_store
+        from megatron_vlm.data.shard_io import shard_format
+
+        fmt = shard_format(path)
+        wanted = IMAGE_FORMAT if self.online else EMBEDDING_FORMAT
+        if fmt != wanted and fmt in STORE_KINDS:
+            raise ValueError(self._mismatch_message(key, path, fmt))
+        dataset = open_image_store(path)
+        if not self.online and (dataset.n_img, dataset.d_enc) != (self.n_img, embed_dim):
             raise ValueError(f"{key}: embeddings are [{dataset.n_img}, {dataset.d_enc}] per image "
                              f"but the model expects [{self.n_img}, {embed_dim}] "
                              "(model.encoder.num_image_tokens, model.encoder.embed_dim)")
+        return dataset
+
+    def _mismatch_message(self, key: str, path: str, fmt: str) -> str:
+        tool = "tools/precompute_image_embeddings.py"
+        if self.online:
+            return (f"{key}={path} holds precomputed embeddings (index.json format {fmt!r}) but "
+                    f"model.encoder.mode=online runs the encoder on images: point {key} at image "
+                    f"shards, written from the same inputs by `{tool} --store images ... "
+                    f"--output DIR`, or set model.encoder.mode=precomputed")
+        unknown = ("" if self.encoder_given else " (these data sources were opened without "
+                   "the encoder config, which reads as precomputed: open them with "
+                   "DataSources(..., encoder=cfg.model.encoder))")
+        return (f"{key}={path} holds images (index.json format {fmt!r}) but "
+                f"model.encoder.mode=precomputed reads precomputed embeddings: set "
+                f"model.encoder.mode=online to run the encoder on these images, or point {key} at "
+                f"embedding shards, written from the same inputs by `{tool} --store embeddings "
+                f"... --output DIR`{unknown}")
 
     def _usable_instruction_rows(self) -> np.ndarray:
-        """Conversations whose image has an embedding; the others are counted skips."""
+        """Conversations whose image is in data.instruction_images; the others are counted
+        skips (e.g. an image the precompute tool skipped as corrupt)."""
         missing = [self.instructions.key(i) for i in range(len(self.instructions))
                    if self.instructions.image_key(i) is not None
                    and self.instructions.image_key(i) not in self.instruction_images]
         if len(missing) > self.cfg.max_skips:
             raise ValueError(
-                f"{len(missing)} conversations in {self.cfg.instructions} refer to images with no "
-                f"embedding in {self.cfg.instruction_images} (first: {missing[:5]}); "
+                f"{len(missing)} conversations in {self.cfg.instructions} refer to images that "
+                f"are not in {self.cfg.instruction_images} (first: {missing[:5]}); "
                 f"data.max_skips={self.cfg.max_skips}")
         if missing:
-            self.skipped["instructions: image without embedding"] = missing
-            logger.warning("data: skipping %d conversations whose image has no embedding",
-                           len(missing))
+            self.skipped["instructions: image not in data.instruction_images"] = missing
+            logger.warning("data: skipping %d conversations whose image is not in "
+                           "data.instruction_images", len(missing))
         gone = set(missing)
         return np.array([i for i in range(len(self.instructions))
                          if self.instructions.key(i) not in gone], dtype=np.int64)
@@ -140,26 +197,45 @@ class DataSources:
         if source == "text":
             return build_text_sample(self.text.window(i), self.eos_id, source=source,
                                      key=f"text:{i}")
+        # Online, a sample names its image (image_key) and the loader decodes the batch's
+        # images together (:meth:`decode_images`); precomputed, it carries its embedding.
         if source == "captions":
+            key = self.captions.key(i)
             return build_caption_sample(
                 self.captions.caption_tokens(i), self.n_img, self.separator_id, self.eos_id,
                 self.seq_length, self.pad_id, fill=self.cfg.caption_fill, source=source,
                 text_tokens_iter=self._filler_documents(slot) if self.fill_text else None,
-                key=self.captions.key(i), image_embedding=self.captions.embedding(i))
+                key=key, image_key=key if self.online else None,
+                image_embedding=None if self.online else self.captions.embedding(i))
         row = int(self.instruction_rows[i])
         image_key = self.instructions.image_key(row)
         embedding = (self.instruction_images.embedding(self.instruction_images.index_of(image_key))
-                     if image_key is not None else None)
+                     if image_key is not None and not self.online else None)
         return build_instruction_sample(
             self.instructions.tokens(row), self.instructions.loss_mask(row),
             self.n_img if image_key is not None else 0, self.seq_length, self.pad_id, self.eos_id,
             source=source, image_key=image_key, key=self.instructions.key(row),
             image_embedding=embedding)
 
+    def decode_images(self, samples: list[Sample]) -> Optional[torch.Tensor]:
+        """Online mode: the images [k, 3, S, S] of the samples that have one, in row order;
+        None in precomputed mode (the samples carry their embeddings) or without images."""
+        if not self.online:
+            return None
+        stores = {"captions": self.captions, "instructions": self.instruction_images}
+        requests = [(stores[s.source], s.image_key) for s in samples if s.has_image]
+        return self.images.decode(requests) if requests else None
+
 
 def build_index(sources: DataSources, cfg) -> BlendIndex:
     """The run's blend index (cached under data.cache_dir or OUTPUT_DIR/blend_cache)."""
     data, train = cfg.data, cfg.train
+    mode = cfg.model.encoder.mode
+    if sources.has_image_sources and sources.encoder_mode != mode:
+        # Opened without the encoder config: the batches would carry the wrong image kind.
+        raise ValueError(f"the data sources were opened for model.encoder.mode="
+                         f"{sources.encoder_mode} but the run has model.encoder.mode={mode}; "
+                         "open them with DataSources(..., encoder=cfg.model.encoder)")
     cache = data.cache_dir or str(Path(cfg.output_dir) / "blend_cache")
     kwargs = ({"total_tokens": data.total_tokens} if data.total_tokens is not None
               else {"total_tokens": None, "num_batches": train.train_iters})
@@ -208,7 +284,8 @@ class _RankMicroBatches(torch.utils.data.Dataset):
                      sample_ids[start:start + self.micro_batch_size])]
         samples = [self.sources.sample(name, i, first_slot + k) for k, (name, i) in enumerate(picks)]
         # Packed filler documents need attention kept inside each document.
-        batch = collate(samples, documents=self.sources.fill_text)
+        batch = collate(samples, images=self.sources.decode_images(samples),
+                        documents=self.sources.fill_text)
         # Ids in SOURCE_ORDER (not the index's order) so they mean the same in every run.
         batch["source_ids"] = torch.tensor([SOURCE_ORDER.index(name) for name, _ in picks])
         # Checked here, in the worker, so the model's forward needs no host synchronisation.

@@ -1,15 +1,26 @@
-"""The image-embedding precompute: image records -> frozen encoder -> caption shards.
+"""The image precompute: image records -> caption shards of embeddings or of images.
 
-:func:`precompute_embeddings` (the logic behind ``tools/precompute_image_embeddings.py``) runs
-image records (:mod:`megatron_vlm.data.image_sources`) through the batch preprocessor
-(:class:`~megatron_vlm.data.dali_pipeline.ImagePreprocessor`) and a frozen encoder
-(:func:`encode_images`) and writes caption shards
-(:class:`megatron_vlm.data.embedding_shards.EmbeddingShardWriter`). Inputs are processed in a
-fixed order, rows fill shards in order, and encoder batches never straddle a shard boundary, so
-an interrupted run resumes at the first unfinished shard and writes the same files an
-uninterrupted run writes. ``precompute.json`` (:func:`check_manifest`) records the settings, so
-a rerun with other settings cannot mix embeddings; ``skipped.jsonl`` lists every skipped image
-and :class:`PrecomputeSummary` counts what the run did.
+One driver behind ``tools/precompute_image_embeddings.py``, with two kinds of output:
+
+* :func:`precompute_embeddings` (``--store embeddings``) runs image records
+  (:mod:`megatron_vlm.data.image_sources`) through the batch preprocessor
+  (:class:`~megatron_vlm.data.dali_pipeline.ImagePreprocessor`) and a frozen encoder
+  (:func:`encode_images`) and writes embedding shards
+  (:class:`megatron_vlm.data.embedding_shards.EmbeddingShardWriter`), for
+  ``model.encoder.mode=precomputed``;
+* :func:`store_images` (``--store images``) decodes the same records with the same
+  preprocessor, only to find the ones that cannot be decoded, and writes the encoded files of
+  the others as they are into image shards
+  (:class:`megatron_vlm.data.image_shards.ImageShardWriter`, with the resize mode the loader is
+  to use), for ``model.encoder.mode=online``: the loader decodes them again for the encoder of
+  the run, and every stored image is one it can decode.
+
+Both share everything else: inputs are processed in a fixed order, rows fill shards in order,
+and write batches never straddle a shard boundary, so an interrupted run resumes at the first
+unfinished shard and writes the same files an uninterrupted run writes. ``precompute.json``
+(:func:`check_manifest`) records the settings, so a rerun with other settings cannot mix rows;
+``skipped.jsonl`` lists every skipped image and :class:`PrecomputeSummary` counts what the run
+did.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import torch
 from megatron_vlm.data.dali_pipeline import ImagePreprocessor
 from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
 from megatron_vlm.data.image_io import ImageDecodeError
+from megatron_vlm.data.image_shards import ImageShardWriter
 from megatron_vlm.data.image_sources import ImageRecord
 
 logger = logging.getLogger("megatron_vlm")
@@ -54,7 +66,10 @@ class SkippedImage:
 
 @dataclass
 class PrecomputeSummary:
-    """What a precompute run did (this run only; ``resumed`` rows were already in finished shards)."""
+    """What a precompute run did (this run only; ``resumed`` rows were already in finished shards).
+
+    ``embedded`` counts the rows this run wrote: embeddings, or stored images when ``store`` is
+    ``"images"``."""
 
     embedded: int = 0
     resumed: int = 0
@@ -70,6 +85,7 @@ class PrecomputeSummary:
     output_dir: str = ""
     device: str = "cpu"
     decoder: str = "dali"
+    store: str = "embeddings"
 
     @property
     def skipped_by_reason(self) -> Dict[str, int]:
@@ -83,9 +99,10 @@ class PrecomputeSummary:
         by_reason = ", ".join(f"{r}: {n}" for r, n in self.skipped_by_reason.items()) or "none"
         captions = (f"{self.captions} with captions, {self.caption_tokens} caption tokens" if self.tokenized
                     else f"{self.captions} with captions, not stored: no --tokenizer")
+        written = "images embedded " if self.store == "embeddings" else "images stored   "
         out = [
             f"precompute summary ({self.output_dir})",
-            f"  images embedded   {self.embedded} ({captions}; {self.pil_decoded} decoded by the PIL path)",
+            f"  {written}  {self.embedded} ({captions}; {self.pil_decoded} decoded by the PIL path)",
             f"  already done      {self.resumed} (in finished shards, not redone)",
             f"  skipped           {len(self.skipped)} ({by_reason})",
             f"  duplicate keys    {self.duplicates} (later occurrences ignored)",
@@ -133,7 +150,7 @@ def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
         diffs = [f"{k}: {old_settings.get(k)!r} before, {v!r} now" for k, v in settings.items()
                  if k != "inputs" and old_settings.get(k) != v]
         if diffs:
-            raise ValueError(f"--output {output_dir} holds embeddings written with other settings ("
+            raise ValueError(f"--output {output_dir} holds rows written with other settings ("
                              + "; ".join(diffs) + "); use a new --output directory or delete this one")
     _atomic_write_text(path, json.dumps({"format": MANIFEST_FORMAT, "settings": settings}, indent=1) + "\n")
 
@@ -187,6 +204,74 @@ def precompute_embeddings(
     is ignored (counted in ``duplicates``). ``prefetch`` batches are read and decoded in a
     background thread while the encoder runs.
     """
+    def open_writer():
+        return EmbeddingShardWriter(output_dir, n_img=n_img, d_enc=d_enc, dtype=dtype,
+                                    rows_per_shard=rows_per_shard)
+
+    def write(writer, chunk: List[_Decoded]) -> None:
+        emb = encode_images(encoder, torch.stack([c.pixels for c in chunk]))
+        for c, row in zip(chunk, emb.unbind(0)):
+            writer.add(c.key, row, c.tokens)
+
+    return _precompute(records, open_writer, write, keep_pixels=True, store="embeddings",
+                       preprocessor=preprocessor, output_dir=output_dir, tokenizer=tokenizer,
+                       rows_per_shard=rows_per_shard, max_skips=max_skips, settings=settings,
+                       total=total, progress=progress, prefetch=prefetch)
+
+
+def store_images(
+    records: Iterable[ImageRecord] | Callable[[Set[str]], Iterable[ImageRecord]],
+    *,
+    preprocessor: ImagePreprocessor,
+    output_dir: str,
+    tokenizer=None,
+    rows_per_shard: int = 4096,
+    max_skips: int = 0,
+    settings: Optional[Dict[str, Any]] = None,
+    total: Optional[int] = None,
+    progress: bool = True,
+    prefetch: int = 1,
+) -> PrecomputeSummary:
+    """Store the encoded images of ``records`` (as read, undecoded) and their caption tokens
+    in image shards under ``output_dir``; return the summary.
+
+    Every image is decoded once by ``preprocessor`` (the loader's preprocessor, so DALI and its
+    PIL path), only to skip the ones that cannot be: what is stored, the loader can decode. The
+    shards record ``preprocessor.resize_mode`` as the mode the loader resizes with. Inputs,
+    resume, skips and duplicates as :func:`precompute_embeddings`.
+    """
+    def open_writer():
+        return ImageShardWriter(output_dir, resize_mode=preprocessor.resize_mode,
+                                rows_per_shard=rows_per_shard)
+
+    def write(writer, chunk: List[_Decoded]) -> None:
+        for c in chunk:
+            writer.add(c.key, c.data, c.tokens)
+
+    return _precompute(records, open_writer, write, keep_pixels=False, store="images",
+                       preprocessor=preprocessor, output_dir=output_dir, tokenizer=tokenizer,
+                       rows_per_shard=rows_per_shard, max_skips=max_skips, settings=settings,
+                       total=total, progress=progress, prefetch=prefetch)
+
+
+@dataclass
+class _Decoded:
+    """A record that decoded, waiting to be written."""
+
+    key: str
+    pixels: Optional[torch.Tensor]   # [3, S, S] when the writer needs them (embeddings)
+    data: bytes                      # the encoded image as read
+    tokens: Optional[List[int]]      # caption tokens, or None (no tokenizer / no caption)
+    has_caption: bool
+
+
+def _precompute(records, open_writer: Callable[[], Any], write: Callable[[Any, List[_Decoded]], None],
+                *, keep_pixels: bool, store: str, preprocessor: ImagePreprocessor, output_dir: str,
+                tokenizer, rows_per_shard: int, max_skips: int, settings: Optional[Dict[str, Any]],
+                total: Optional[int], progress: bool, prefetch: int) -> PrecomputeSummary:
+    """The driver: read and decode ``records`` in order (a background thread decodes ahead),
+    skip and list the bad ones, and hand the others to ``write(writer, chunk)`` in chunks of at
+    most the preprocessor's batch size that never straddle a shard boundary."""
     from tqdm import tqdm
 
     if max_skips < 0:
@@ -198,12 +283,12 @@ def precompute_embeddings(
     if settings is not None:
         check_manifest(output_dir, settings)
     summary = PrecomputeSummary(resumed=0, output_dir=output_dir, device=str(preprocessor.device),
-                                decoder=preprocessor.decoder, tokenized=tokenizer is not None)
+                                decoder=preprocessor.decoder, tokenized=tokenizer is not None,
+                                store=store)
     batch_size = preprocessor.batch_size
     seen: Set[str] = set()
     pending: List[ImageRecord] = []
-    # Decoded, not yet encoded: (key, image [3,S,S], caption tokens or None, has a caption)
-    buffered: deque = deque()
+    buffered: deque = deque()  # _Decoded records, not yet written
     rows_in_shard = 0  # rows written into the current (unfinished) shard by this run
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") if prefetch > 0 else None
     in_flight: deque = deque()
@@ -239,11 +324,11 @@ def precompute_embeddings(
                 items.append((rec.key, rec.read()))
             except ImageDecodeError as err:
                 read_failures.append((rec, err))
-        return batch, read_failures, preprocessor(items) if items else None
+        return batch, items, read_failures, preprocessor(items) if items else None
 
     def consume(result) -> None:
-        batch, read_failures, pre = result
-        by_key = {r.key: r for r in batch}
+        batch, items, read_failures, pre = result
+        data_of = dict(items)
         failed = {rec.key: (err.reason, err.detail) for rec, err in read_failures}
         if pre is not None:
             for f in pre.failures:
@@ -255,8 +340,8 @@ def precompute_embeddings(
                 reason, detail = failed[rec.key]
                 skip(rec.key, reason, detail, rec.source)
             else:
-                buffered.append((rec.key, decoded[rec.key], tokens_of(by_key[rec.key]),
-                                 by_key[rec.key].caption is not None))
+                buffered.append(_Decoded(rec.key, decoded[rec.key] if keep_pixels else None,
+                                         data_of[rec.key], tokens_of(rec), rec.caption is not None))
         flush(final=False)
 
     def flush(final: bool) -> None:
@@ -267,11 +352,10 @@ def precompute_embeddings(
             if len(buffered) < n and not final:
                 return
             chunk = [buffered.popleft() for _ in range(min(n, len(buffered)))]
-            emb = encode_images(encoder, torch.stack([c[1] for c in chunk]))
-            for (key, _, toks, has_caption), row in zip(chunk, emb.unbind(0)):
-                writer.add(key, row, toks)
-                summary.captions += int(has_caption)
-                summary.caption_tokens += len(toks) if toks is not None else 0
+            write(writer, chunk)
+            for c in chunk:
+                summary.captions += int(c.has_caption)
+                summary.caption_tokens += len(c.tokens) if c.tokens is not None else 0
             summary.embedded += len(chunk)
             rows_in_shard = (rows_in_shard + len(chunk)) % rows_per_shard
             bar.update(len(chunk))
@@ -284,7 +368,7 @@ def precompute_embeddings(
         while len(in_flight) > prefetch:
             consume(in_flight.popleft().result())
 
-    writer = EmbeddingShardWriter(output_dir, n_img=n_img, d_enc=d_enc, dtype=dtype, rows_per_shard=rows_per_shard)
+    writer = open_writer()
     ok = False
     try:
         done_keys = writer.written_keys()

@@ -13,6 +13,13 @@ user would (and prints the command), so what works here works on real data:
 6. ``tools/precompute_image_embeddings.py``: the evaluation images to embedding shards (keys: the
    file names, as the evaluation tasks name them), for ``tools/evaluate_vlm.py``.
 
+With ``image_shards=True`` (or later through :func:`prepare_image_shards`) two more steps store
+the caption images and the conversations' images as image shards
+(``tools/precompute_image_embeddings.py --store images``) under ``shards/online/``, the data of
+``model.encoder.mode=online`` (:meth:`PreparedData.online_overrides`). They are off by default:
+the quickstart trains with precomputed embeddings only, and the two extra tool runs would slow
+it down.
+
 Each tool resumes, so running the pipeline again on a finished directory redoes nothing.
 """
 
@@ -52,6 +59,25 @@ class PreparedData:
                    instruction_images=shards / "instruction_images",
                    eval_images=shards / "eval_images")
 
+    @property
+    def online_captions(self) -> Path:
+        """Image shards of the caption pairs (``data.captions`` for an online encoder)."""
+        return self.captions.parent / "online" / "captions"
+
+    @property
+    def online_instruction_images(self) -> Path:
+        """Image shards of the conversations' images (``data.instruction_images`` online)."""
+        return self.captions.parent / "online" / "instruction_images"
+
+    def online_overrides(self) -> list[str]:
+        """:meth:`overrides` with the image sources replaced by the image shards that
+        :func:`prepare_image_shards` writes: the data of a run with
+        ``model.encoder.mode=online`` (which the caller sets)."""
+        online = {"data.captions": self.online_captions,
+                  "data.instruction_images": self.online_instruction_images}
+        return [f"{key}={online[key]}" if key in online else f"{key}={value}"
+                for key, value in (item.split("=", 1) for item in self.overrides())]
+
     def overrides(self) -> list[str]:
         """``key=value`` overrides pointing a config at these shards."""
         return [f"data.tokenizer={self.tokenizer}", f"data.text={self.text}",
@@ -79,12 +105,13 @@ def _run(tool: str, args: list[str], quiet: bool) -> None:
 
 def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides=(),
                         images: int = 192, text_docs: int = 1500, seed: int = 0,
-                        quiet: bool = False) -> PreparedData:
+                        quiet: bool = False, image_shards: bool = False) -> PreparedData:
     """Makes ShapesWorld under ``root/raw`` and its shards under ``root/shards``.
 
     ``recipe`` and ``overrides`` choose the frozen encoder (``model.encoder``) that embeds the
     images and the sequence length used in preprocessing summaries; its weights are random
-    unless ``model.encoder.weights_path`` is given.
+    unless ``model.encoder.weights_path`` is given. ``image_shards`` also writes the image
+    shards of :func:`prepare_image_shards`.
     """
     from megatron_vlm.config import load_config
 
@@ -124,4 +151,28 @@ def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides
                                             str(raw / "eval" / "images"), "--image-list",
                                             str(eval_list), "--output", str(paths.eval_images),
                                             *progress], quiet)
+    if image_shards:
+        prepare_image_shards(root, recipe, overrides, quiet=quiet)
     return PreparedData.at(root)
+
+
+def prepare_image_shards(root: str | os.PathLike, recipe: str = "tiny", overrides=(),
+                         quiet: bool = False) -> PreparedData:
+    """Stores the caption images and the conversations' images of a prepared ShapesWorld
+    (:func:`prepare_shapesworld` ran on ``root`` before) as image shards, for
+    ``model.encoder.mode=online``: :attr:`PreparedData.online_captions` and
+    :attr:`PreparedData.online_instruction_images`, resized (when loaded) in the default
+    letterbox mode like the embeddings. ``recipe`` gives the image size of the decode check."""
+    paths = PreparedData.at(root)
+    shards = paths.raw.parent / "shards"
+    common = ["--recipe", recipe, *overrides, "--store", "images",
+              *(["--no-progress"] if quiet else [])]
+    _run("precompute_image_embeddings.py", [*common, "--tar", str(paths.raw / "captions"),
+                                            "--tokenizer", str(paths.tokenizer), "--output",
+                                            str(paths.online_captions)], quiet)
+    _run("precompute_image_embeddings.py", [*common, "--image-folder",
+                                            str(paths.raw / "llava" / "images"), "--image-list",
+                                            str(shards / "instructions" / "images.txt"),
+                                            "--output", str(paths.online_instruction_images)],
+         quiet)
+    return paths

@@ -113,7 +113,8 @@ class Sample:
     source: str
     """name of the source the sample was drawn from."""
     image_key: Optional[str] = None
-    """key of the image's row in an embedding dataset (``collate`` looks it up)."""
+    """key of the image's record in its image directory (embeddings: ``collate`` can look it
+    up; encoded images: the loader decodes it for an online encoder)."""
     image_embedding: Optional[torch.Tensor] = None
     """the image embedding [n_img, d_enc], when already loaded (``collate`` uses it as is)."""
     key: Optional[str] = None
@@ -431,31 +432,18 @@ def _stack_embeddings(embeddings: list) -> torch.Tensor:
     return torch.stack(embeddings)
 
 
-def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], torch.Tensor]] = None,
-            *, documents: bool = False) -> dict:
-    """Stack samples into a batch (docs/architecture.md) plus ``segment_ids`` [b, s] int32.
-
-    ``image_embeddings`` [k, n_img, d_enc] holds one embedding per sample with an image, in row
-    order: the sample's ``image_embedding`` if set, else ``embeddings_for(image_key)``. The key
-    is absent when no row has an image. ``documents=True`` asks for attention kept inside each
-    segment: it adds ``cu_seqlens`` and ``max_seqlen`` (see
-    :func:`megatron_vlm.data.batch.document_boundaries`); the model turns them into packed
-    sequences or a dense mask on the device.
-    """
+def _image_entries(samples: Sequence[Sample],
+                   embeddings_for: Optional[Callable[[str], torch.Tensor]],
+                   images: Optional[torch.Tensor]) -> dict:
+    """The batch's image entry: ``images`` as given (checked), else the stacked embeddings."""
     import torch
 
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    lengths = {s.seq_length for s in samples}
-    if len(lengths) != 1:
-        raise ValueError(f"samples have different lengths {sorted(lengths)}")
-    batch = {
-        "tokens": torch.from_numpy(np.stack([s.tokens for s in samples]).astype(np.int64)),
-        "labels": torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64)),
-        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples]).astype(np.float32)),
-        "image_mask": torch.from_numpy(np.stack([s.image_mask for s in samples]).astype(bool)),
-        "segment_ids": torch.from_numpy(np.stack([s.segment_ids for s in samples]).astype(np.int32)),
-    }
+    if images is not None:
+        rows_with_image = sum(s.has_image for s in samples)
+        if images.dim() != 4 or images.shape[0] != rows_with_image or images.shape[1] != 3:
+            raise ValueError(f"images have shape {tuple(images.shape)}; expected "
+                             f"[{rows_with_image}, 3, S, S] (one per sample with an image)")
+        return {"images": images} if rows_with_image else {}
     embeddings = []
     for row, s in enumerate(samples):
         if not s.has_image:
@@ -474,8 +462,37 @@ def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], 
             raise ValueError(f"row {row}: the embedding of image {s.image_key!r} has shape "
                              f"{tuple(emb.shape)}, unlike {tuple(embeddings[0].shape)} before it")
         embeddings.append(emb)
-    if embeddings:
-        batch["image_embeddings"] = _stack_embeddings(embeddings)
+    return {"image_embeddings": _stack_embeddings(embeddings)} if embeddings else {}
+
+
+def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], torch.Tensor]] = None,
+            *, images: Optional[torch.Tensor] = None, documents: bool = False) -> dict:
+    """Stack samples into a batch (docs/architecture.md) plus ``segment_ids`` [b, s] int32.
+
+    ``image_embeddings`` [k, n_img, d_enc] holds one embedding per sample with an image, in row
+    order: the sample's ``image_embedding`` if set, else ``embeddings_for(image_key)``. The key
+    is absent when no row has an image. For an online encoder pass ``images`` instead, the
+    decoded images [k, 3, S, S] of the samples with an image in row order: the batch then
+    carries them as ``images`` and no embedding is looked up. ``documents=True`` asks for
+    attention kept inside each segment: it adds ``cu_seqlens`` and ``max_seqlen`` (see
+    :func:`megatron_vlm.data.batch.document_boundaries`); the model turns them into packed
+    sequences or a dense mask on the device.
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = {s.seq_length for s in samples}
+    if len(lengths) != 1:
+        raise ValueError(f"samples have different lengths {sorted(lengths)}")
+    batch = {
+        "tokens": torch.from_numpy(np.stack([s.tokens for s in samples]).astype(np.int64)),
+        "labels": torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64)),
+        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples]).astype(np.float32)),
+        "image_mask": torch.from_numpy(np.stack([s.image_mask for s in samples]).astype(bool)),
+        "segment_ids": torch.from_numpy(np.stack([s.segment_ids for s in samples]).astype(np.int32)),
+    }
+    batch.update(_image_entries(samples, embeddings_for, images))
     if documents:
         from megatron_vlm.data.batch import document_boundaries
 

@@ -1,9 +1,11 @@
-"""The crash-safe shard directory shared by the image-embedding and instruction formats.
+"""The crash-safe shard directory shared by the image-embedding, image and instruction formats.
 
 A shard directory holds numbered shards (``shard_00000.*``, ...) and an ``index.json`` that
-lists every finished shard with its files' sizes and sha256. :class:`ShardWriter` and
+lists every finished shard with its files' sizes and sha256 and names the directory's kind
+(``format``, read alone by :func:`shard_format`). :class:`ShardWriter` and
 :class:`ShardReader` are the base classes of the per-kind writers and readers
-(:mod:`megatron_vlm.data.embedding_shards`, :mod:`megatron_vlm.data.instruction_shards`): a
+(:mod:`megatron_vlm.data.embedding_shards`, :mod:`megatron_vlm.data.image_shards`,
+:mod:`megatron_vlm.data.instruction_shards`): a
 subclass names its per-shard files and writes or reads each record's bytes; this module opens
 temp files, finishes shards, keeps the index and the set of written keys, resumes after the
 shards an earlier run finished, checks sizes (and, on request, hashes) when reading, maps the
@@ -286,6 +288,20 @@ def _check_format(index: dict, fmt: str, path: str) -> None:
     if index.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {index.get('version')!r}, this code reads "
                          f"version {FORMAT_VERSION}")
+
+
+def shard_format(directory: str | os.PathLike) -> str:
+    """The ``format`` named by a shard directory's ``index.json`` (which kind of shards it
+    holds), without opening its shards; FileNotFoundError when there is no index."""
+    index_path = os.path.join(os.fspath(directory), INDEX_NAME)
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"no {INDEX_NAME} in {os.fspath(directory)} (not a shard "
+                                f"directory, or its writer never finished a shard)")
+    index = read_json(index_path)
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if not isinstance(fmt, str):
+        raise ValueError(f"{index_path}: no 'format' field (not a shard index)")
+    return fmt
 
 
 def _read_records(directory: str, entry: dict) -> list[dict]:

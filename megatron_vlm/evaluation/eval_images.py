@@ -12,6 +12,10 @@ Three sources, chosen once per run (:func:`image_source`):
 
 Images are resized with the training strategy: ``evaluation.resize_mode``, by default the one
 recorded in the training caption embeddings' precompute.json.
+
+``evaluation.blank_images=true`` replaces every image by one blank image (the encoder's fill
+colour, which normalizes to zeros), encoded the same way: the difference between a normal and a
+blank run is what the model's answers take from the images.
 """
 
 from __future__ import annotations
@@ -47,18 +51,22 @@ class ImageSource:
     """``images(examples)`` -> one tensor per example (None for text-only examples): an
     embedding [n_img, d_enc] or, for an online encoder, a preprocessed image [3, S, S]."""
 
-    def __init__(self, cfg, embeddings_dir: Optional[str] = None):
+    def __init__(self, cfg, embeddings_dir: Optional[str] = None, blank: bool = False):
         self.cfg = cfg
         self.online = cfg.model.encoder.mode == "online"
         self.resize_mode = training_resize_mode(cfg)
+        self.blank = blank
         self.embeddings = None
         self.encoder = None
         self.preprocessor = None
-        if embeddings_dir is not None:
-            if self.online:
-                raise ValueError("evaluation.image_embeddings is set but the checkpoint's encoder "
-                                 "runs online (model.encoder.mode=online): its own, possibly "
-                                 "trained, encoder must see the images; unset it")
+        self._blank_image: Optional[torch.Tensor] = None
+        if embeddings_dir is not None and self.online:
+            # A config inherited from a frozen-encoder stage may name them: the checkpoint's own,
+            # possibly trained, encoder must see the images instead.
+            logger.info("evaluation.image_embeddings is not used: the checkpoint's encoder runs "
+                        "online (model.encoder.mode=online) and sees the images itself")
+            embeddings_dir = None
+        if embeddings_dir is not None and not blank:
             from megatron_vlm.data.embedding_shards import EmbeddingDataset
 
             self.embeddings = EmbeddingDataset(embeddings_dir)
@@ -71,6 +79,9 @@ class ImageSource:
                     f"[{enc.num_image_tokens}, {enc.embed_dim}]")
 
     def describe(self) -> str:
+        if self.blank:
+            what = "the checkpoint's online encoder" if self.online else "the frozen encoder"
+            return f"BLANK images ({self.cfg.model.encoder.image_size} px) through {what}"
         if self.embeddings is not None:
             return f"precomputed embeddings in {self.embeddings.directory}"
         what = "the checkpoint's online encoder" if self.online else "the frozen encoder"
@@ -123,10 +134,40 @@ class ImageSource:
             self.encoder = encoder.to(current_device()).eval()
         return self.encoder
 
+    def _blank(self) -> torch.Tensor:
+        """The one blank image, as the model takes it (pixels or an embedding)."""
+        if self._blank_image is None:
+            import io
+
+            from PIL import Image
+
+            from megatron_vlm.data.dali_pipeline import ImagePreprocessor
+            from megatron_vlm.data.image_io import encoder_image_norm
+            from megatron_vlm.runtime import current_device
+
+            enc = self.cfg.model.encoder
+            norm = encoder_image_norm(enc)
+            buffer = io.BytesIO()
+            Image.new("RGB", (enc.image_size, enc.image_size), norm.fill).save(buffer, "PNG")
+            pixels = ImagePreprocessor(enc.image_size, self.resize_mode, norm, device="cpu",
+                                       decoder="pil")([("blank", buffer.getvalue())]).images
+            pixels = pixels.to(current_device())
+            if self.online:
+                self._blank_image = pixels[0]
+            else:
+                from megatron_vlm.data.precompute import encode_images
+
+                self._blank_image = encode_images(self._frozen_encoder(), pixels)[0]
+        return self._blank_image
+
     def images(self, examples: Sequence[Example]) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = [None] * len(examples)
         todo = [i for i, ex in enumerate(examples) if ex.image is not None]
         if not todo:
+            return out
+        if self.blank:
+            for i in todo:
+                out[i] = self._blank()
             return out
         if self.embeddings is not None:
             for i in todo:

@@ -260,7 +260,7 @@ def _run_vision(tasks, eval_model, tokenizer, cfg, request, system_prompt, base_
         raise ValueError("evaluation.data_root is not set: give the folder holding the vision "
                          "benchmarks (docs/evaluation_data.md), e.g. evaluation.data_root=DIR")
     separator_id = resolve_separator(tokenizer, cfg.data.separator_token)
-    images = ImageSource(cfg, ev.image_embeddings)
+    images = ImageSource(cfg, ev.image_embeddings, blank=ev.blank_images)
     logger.info("vision tasks %s: images from %s; prompts end with %r (id %d); system prompt "
                 "%r", ", ".join(tasks), images.describe(), cfg.data.separator_token,
                 separator_id, system_prompt)

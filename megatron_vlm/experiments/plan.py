@@ -43,7 +43,7 @@ import itertools
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from megatron_vlm.experiments.sweep_spec import AXES, STAGES, SweepSpec, SweepError
 
@@ -349,7 +349,7 @@ class _Builder:
             load = None
             wiring.append("checkpoint.load=null")
         axis = _data_ratio_overrides(values, cfg.data.ratios)
-        axis += _model_overrides(values)
+        axis += _model_overrides(values, spec.online_data)
         if load is not None and ("projector" in spec.grid or "encoder" in spec.grid):
             axis += ["checkpoint.load_parts=decoder", "checkpoint.load_optimizer=false"]
         run_dir = self._dir("image_text", name)
@@ -368,7 +368,7 @@ class _Builder:
         path = spec.config_path(stage.config, scale)
         base = [*spec.overrides, *stage.overrides]
         cfg = self._load(path, base, run_id)
-        axis = _model_overrides(values)
+        axis = _model_overrides(values, spec.online_data)
         if "finetune_epochs" in values:
             per_epoch = stage.steps_per_epoch or cfg.train.train_iters
             axis.append(f"train.train_iters={values['finetune_epochs'] * per_epoch}")
@@ -485,10 +485,12 @@ def _data_ratio_overrides(values: dict, ratios: dict) -> list[str]:
     return [f"data.ratios={{{body}}}"]
 
 
-def _model_overrides(values: dict) -> list[str]:
+def _model_overrides(values: dict, online_data: Sequence[str] = ()) -> list[str]:
+    """The projector / encoder axes; the unfrozen arm also reads its images from the sweep's
+    ``online_data`` (image shards: an online encoder does not take precomputed embeddings)."""
     out = []
     if "projector" in values:
         out.append(f"model.projector.type={values['projector']}")
     if values.get("encoder") == "unfrozen":
-        out += ["model.encoder.mode=online", "model.encoder.frozen=false"]
+        out += ["model.encoder.mode=online", "model.encoder.frozen=false", *online_data]
     return out

@@ -203,6 +203,10 @@ class SweepSpec:
     scale: Optional[str] = None
     throughput: Union[None, float, dict] = None
     overrides: tuple[str, ...] = ()
+    online_data: tuple[str, ...] = ()
+    """key=value overrides for the runs of the unfrozen-encoder arm: the image-shard directories
+    its data comes from (data.captions, data.instruction_images), since an online encoder reads
+    images, not precomputed embeddings."""
     data: Optional[DataSpec] = None
     evaluate: Optional[EvaluateSpec] = None
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
@@ -229,8 +233,8 @@ class SweepSpec:
 # Reading and checking
 
 
-_TOP = ("name", "description", "scale", "output_root", "throughput", "overrides", "data",
-        "stages", "grid", "slurm")
+_TOP = ("name", "description", "scale", "output_root", "throughput", "overrides", "online_data",
+        "data", "stages", "grid", "slurm")
 _STAGE_FIELDS = {"text": ("config", "overrides"),
                  "image_text": ("config", "rewarmup_config", "overrides"),
                  "finetune": ("config", "steps_per_epoch", "overrides"),
@@ -363,8 +367,9 @@ def parse_sweep(raw: Any, path: Path) -> SweepSpec:
         path=path, name=name, output_root=Path(output_root), stages=stages, grid=grid,
         description=str(top.get("description") or "").strip(), scale=scale,
         throughput=_throughput(r, top.get("throughput")),
-        overrides=r.overrides(top.get("overrides"), "overrides"), data=data, evaluate=evaluate,
-        slurm=_slurm(r, top.get("slurm")))
+        overrides=r.overrides(top.get("overrides"), "overrides"),
+        online_data=r.overrides(top.get("online_data"), "online_data"), data=data,
+        evaluate=evaluate, slurm=_slurm(r, top.get("slurm")))
 
 
 def _parse_value(r: _Reader, axis: str, value: Any, key: str) -> Any:

@@ -66,7 +66,7 @@ def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
         from megatron_vlm.data.loader import BlendLoader, DataSources, LoaderState, build_index
 
         sources = DataSources(cfg.data, train.seq_length, enc.num_image_tokens, enc.embed_dim,
-                              cfg.model.decoder.vocab_size)
+                              cfg.model.decoder.vocab_size, encoder=enc)
         index = build_index(sources, cfg)
         if index.num_batches < train.train_iters:
             raise ValueError(f"the blend holds {index.num_batches} global batches but "
