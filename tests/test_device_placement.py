@@ -102,3 +102,26 @@ def test_device_micro_batches_hand_over_every_batch_with_its_values():
     moved = list(DeviceMicroBatches(batches, META))
     assert all(b["tokens"].device == META and isinstance(b["max_seqlen"], int) for b in moved)
     assert list(DeviceMicroBatches([], torch.device("cpu"))) == []
+
+
+def test_a_single_process_run_takes_a_free_port_beside_another_run(repo_root):
+    """Without a launcher's MASTER_PORT a run of one process picks a free port, so it starts
+    while another run (here: a socket on the old fixed default) holds one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    script = ("from megatron_vlm.runtime import initialize, shutdown\n"
+              "initialize(1, 1, device='cpu')\nshutdown()\nprint('started')")
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 29517))
+        busy.listen(1)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("started")

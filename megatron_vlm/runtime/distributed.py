@@ -47,6 +47,15 @@ def has_transformer_engine() -> bool:
     return True
 
 
+def _free_port() -> int:
+    """A TCP port no one listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
@@ -148,7 +157,13 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10,
     _DEVICE = device
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
+        if "MASTER_PORT" not in os.environ:
+            # No launcher set one: a process of its own needs no agreed port, and a fixed one
+            # would collide with any other run on this host (an evaluation beside a training).
+            if world_size != 1:
+                raise ValueError(f"WORLD_SIZE={world_size} but MASTER_PORT is not set: start "
+                                 "the processes with torchrun")
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(
             backend=backend,
             rank=rank,
