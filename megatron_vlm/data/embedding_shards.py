@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from megatron_vlm.data.shard_io import ShardReader, ShardWriter, as_int_array
+from megatron_vlm.data.shard_io import CaptionedShardReader, ShardWriter, as_int_array
 
 EMBEDDING_FORMAT = "megatron-vlm-embeddings"
 EMBEDDING_DTYPES = ("bf16", "fp8")
@@ -133,7 +133,7 @@ def dequantize_fp8(q: np.ndarray, scale: np.ndarray):
     return values.to(torch.float32) * torch.from_numpy(np.array(scale, dtype=np.float32)).unsqueeze(-1)
 
 
-class EmbeddingDataset(ShardReader):
+class EmbeddingDataset(CaptionedShardReader):
     """All records of an image-embedding directory, memory-mapped.
 
     ``verify=True`` recomputes the sha256 of every file and raises ValueError naming the first
@@ -180,13 +180,3 @@ class EmbeddingDataset(ShardReader):
         if len(indices) == 0:
             return torch.zeros(0, self.n_img, self.d_enc, dtype=torch.bfloat16)
         return torch.stack([self.embedding(int(i)) for i in indices])
-
-    def caption_tokens(self, i: int) -> np.ndarray:
-        """Record ``i``'s caption tokens (int32; empty when it was written without a caption)."""
-        shard, row = self._locate(i)
-        off = self._offsets(shard)
-        return np.array(self._map(shard, "captions", "<i4")[off[row]:off[row + 1]], dtype=np.int32)
-
-    def caption_lengths(self) -> np.ndarray:
-        """Caption token count of every record (int64 [len])."""
-        return self._lengths()

@@ -34,7 +34,12 @@ import numpy as np
 
 from megatron_vlm.config import RESIZE_MODES
 from megatron_vlm.data.embedding_shards import EMBEDDING_FORMAT, EmbeddingDataset
-from megatron_vlm.data.shard_io import ShardReader, ShardWriter, as_int_array, shard_format
+from megatron_vlm.data.shard_io import (
+    CaptionedShardReader,
+    ShardWriter,
+    as_int_array,
+    shard_format,
+)
 
 IMAGE_FORMAT = "megatron-vlm-images"
 
@@ -94,7 +99,7 @@ class ImageShardWriter(ShardWriter):
         self._end_row(key, {"key": key, "format": info.format, "size": [info.width, info.height]})
 
 
-class ImageDataset(ShardReader):
+class ImageDataset(CaptionedShardReader):
     """All records of an image-shard directory, memory-mapped; ``resize_mode`` is the mode the
     directory's images are to be loaded with. ``verify=True`` recomputes every file's sha256."""
 
@@ -118,15 +123,6 @@ class ImageDataset(ShardReader):
         self._locate(i)
         return self._records[int(i) % len(self)]["format"]
 
-    def caption_tokens(self, i: int) -> np.ndarray:
-        """Record ``i``'s caption tokens (int32; empty when it was written without a caption)."""
-        shard, row = self._locate(i)
-        off = self._offsets(shard)
-        return np.array(self._map(shard, "captions", "<i4")[off[row]:off[row + 1]], dtype=np.int32)
-
-    def caption_lengths(self) -> np.ndarray:
-        """Caption token count of every record (int64 [len])."""
-        return self._lengths()
 
 
 ImageStore = Union[EmbeddingDataset, ImageDataset]

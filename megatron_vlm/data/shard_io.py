@@ -416,3 +416,18 @@ class ShardReader:
         if not self._shards:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.diff(self._offsets(s)) for s in range(len(self._shards))])
+
+
+class CaptionedShardReader(ShardReader):
+    """A shard reader whose records carry caption tokens (embedding and image shards: the blend
+    index counts caption positions from them alike)."""
+
+    def caption_tokens(self, i: int) -> np.ndarray:
+        """Record ``i``'s caption tokens (int32; empty when it was written without a caption)."""
+        shard, row = self._locate(i)
+        off = self._offsets(shard)
+        return np.array(self._map(shard, "captions", "<i4")[off[row]:off[row + 1]], dtype=np.int32)
+
+    def caption_lengths(self) -> np.ndarray:
+        """Caption token count of every record (int64 [len])."""
+        return self._lengths()
