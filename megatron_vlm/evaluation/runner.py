@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -68,7 +68,6 @@ class EvalRequest:
     tokenizer: Optional[str] = None
     overrides: Sequence[str] = ()
     progress: bool = True
-    extra_text_tasks: dict = field(default_factory=dict)
 
 
 def suite_tasks(suite: str) -> tuple[list[str], list[str]]:
