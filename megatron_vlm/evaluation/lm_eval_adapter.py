@@ -62,6 +62,12 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from megatron_vlm.evaluation.data_parallel import (
+    data_parallel_shard,
+    gather_over_data_parallel,
+    is_global_rank0,
+)
+
 logger = logging.getLogger("megatron_vlm")
 
 MODEL_NAME = "megatron_vlm"
@@ -383,11 +389,11 @@ class MegatronVLMLM(LM):
         """Runs ``work`` on the collator's batches (``batch_size`` each), this data-parallel
         replica taking every DP-th batch; returns all results in the original order."""
         batches = list(collator.get_batched(n=self.batch_size))
-        dp_rank, dp_size, dp_group = _data_parallel()
+        dp_rank, dp_size = data_parallel_shard()
         mine = range(dp_rank, len(batches), dp_size)
         share = desc if dp_size == 1 else f"{desc} (1/{dp_size} per replica)"
         bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=share,
-                   disable=disable_tqdm or _global_rank() != 0)
+                   disable=disable_tqdm or not is_global_rank0())
         done = {}
         for b in mine:
             done[b] = work(batches[b])
@@ -396,13 +402,7 @@ class MegatronVLMLM(LM):
                                    f"{len(batches[b])}")
             bar.update(len(batches[b]))
         bar.close()
-        if dp_size > 1:
-            import torch.distributed as dist
-
-            parts: list = [None] * dp_size
-            dist.all_gather_object(parts, done, group=dp_group)
-            for part in parts:
-                done.update(part)
+        done = dict(gather_over_data_parallel(list(done.items())))
         flat = [result for b in range(len(batches)) for result in done[b]]
         if len(flat) != total:
             raise RuntimeError(f"{desc}: {len(flat)} results for {total} requests")
@@ -430,28 +430,6 @@ def _string_args(request: Any, index: int, kind: str, count: int) -> tuple[str, 
         raise ValueError(f"{describe_request(kind, index, request)}: args must be {count} "
                          f"string(s), got {args!r}")
     return args
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _data_parallel() -> tuple[int, int, Any]:
-    """(rank, size, group) of this process's data-parallel group; (0, 1, None) without
-    megatron parallel state."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1, None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1, None
-    return (parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
-            parallel_state.get_data_parallel_group())
 
 
 def _check_same_requests(kind: str, args: Sequence[Any]) -> None:

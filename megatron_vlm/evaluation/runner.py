@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_vlm.evaluation.data_parallel import is_global_rank0
 from megatron_vlm.evaluation.stable_score import chance_levels, stable_score
 
 logger = logging.getLogger("megatron_vlm")
@@ -155,12 +156,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def evaluate(request: EvalRequest) -> dict:
     """Runs the request; returns the results dict (every rank gets it). Megatron parallel state
     must be initialized (the TP/PP the checkpoint is evaluated at; the rest is data-parallel)."""
@@ -220,7 +215,7 @@ def evaluate(request: EvalRequest) -> dict:
         return False
 
     def save() -> None:
-        if _rank0():
+        if is_global_rank0():
             output.mkdir(parents=True, exist_ok=True)
             write_json_atomic(results_path, results)
 
@@ -239,7 +234,7 @@ def evaluate(request: EvalRequest) -> dict:
     results["stable_score"] = {kind: stable_score(accs, chance, kind)
                                for kind, accs in accuracies.items() if accs}
     save()
-    if _rank0():
+    if is_global_rank0():
         write_text_atomic(output / TABLE_NAME, markdown_table(results))
         logger.info("results: %s and %s", results_path, output / TABLE_NAME)
     return results
@@ -282,10 +277,10 @@ def _run_vision(tasks, eval_model, tokenizer, cfg, request, system_prompt, base_
             lambda ex: prompt_lib.prompt_tokens(ex, tokenizer, separator_id, system_prompt or None),
             images, stop_ids=(separator_id, tokenizer.eos_id), decode=tokenizer.decode,
             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, yes_no=yes_no,
-            progress=request.progress and _rank0(), desc=task)
+            progress=request.progress and is_global_rank0(), desc=task)
         metrics = score(task, examples, {p.example_id: p for p in predictions})
         path = output / PREDICTIONS_DIR / f"{task}.jsonl"
-        if _rank0():
+        if is_global_rank0():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_predictions(path, predictions)
         results["tasks"][task] = {"kind": "vision", "metrics": metrics, "settings": settings,
@@ -336,7 +331,7 @@ def _run_text(tasks, eval_model, tokenizer, cfg, request, base_settings, results
         return levels
     lm = MegatronVLMLM(eval_model, tokenizer, batch_size=ev.batch_size)
     start = time.perf_counter()
-    with _lm_eval_output(request.progress and _rank0() and sys.stderr.isatty()):
+    with _lm_eval_output(request.progress and is_global_rank0() and sys.stderr.isatty()):
         scored = run_text_suite(lm, todo, include_path=ev.text_tasks, limit=request.limit)
     seconds = round(time.perf_counter() - start, 2)
     for task in todo:

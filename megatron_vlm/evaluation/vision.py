@@ -18,32 +18,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_vlm.evaluation.data_parallel import data_parallel_shard, gather_over_data_parallel
 from megatron_vlm.evaluation.engine import EvalModel, Prompt
 from megatron_vlm.evaluation.records import Example, Prediction
 
 logger = logging.getLogger("megatron_vlm")
-
-
-def data_parallel_shard() -> tuple[int, int]:
-    """(this replica's data-parallel rank, replicas); (0, 1) without parallel state."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
-def gather_over_data_parallel(items: list) -> list:
-    """Every replica's ``items`` concatenated in replica order, on every rank."""
-    rank, size = data_parallel_shard()
-    if size == 1:
-        return list(items)
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    parts: list = [None] * size
-    dist.all_gather_object(parts, items, group=parallel_state.get_data_parallel_group())
-    return [item for part in parts for item in part]
 
 
 class Progress:
