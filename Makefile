@@ -3,7 +3,8 @@
 #   make install     create .venv and install the package with its test tools (no-op when
 #                    pyproject.toml has not changed since the last install)
 #   make test        run the test suite (slow and gpu tests are left out; see pyproject.toml)
-#   make quickstart  train the tiny VLM on the CPU, evaluate it, print its losses and scores
+#   make quickstart  the paper in miniature on the CPU (text -> image-text -> fine-tuning ->
+#                    evaluation with and without the images), about 5 minutes
 #   make wheelhouse  download what an air-gapped GPU machine installs into wheelhouse/, in copies
 #                    of at most 64 MiB (WHEEL_PYTHON, WHEEL_PLATFORM, WHEEL_TORCH, TE=VERSION|none,
 #                    TE_CUDA; see docs/gpu.md); tools/gpu_check.py installs it there

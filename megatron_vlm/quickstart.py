@@ -1,22 +1,31 @@
-"""The whole pipeline on the CPU in about a minute: ShapesWorld data -> tools -> blend ->
-training -> evaluation.
+"""The quickstart: the paper in miniature on the CPU, or one training run of a recipe.
 
-    python -m megatron_vlm.quickstart [--recipe tiny] [--data shapesworld|random] [key=value ...]
-    torchrun --nproc_per_node 2 -m megatron_vlm.quickstart parallel.tensor_parallel=2
+    python -m megatron_vlm.quickstart              # the paper in miniature (make quickstart)
+    python -m megatron_vlm.quickstart --short      # its shorter version (CI)
+    python -m megatron_vlm.quickstart --single [--recipe tiny] [--data shapesworld|random] [key=value ...]
+    torchrun --nproc_per_node 2 -m megatron_vlm.quickstart --single parallel.tensor_parallel=2
 
-With ``--data shapesworld`` (the default) it first runs the data tools on procedurally drawn
-ShapesWorld images, captions, conversations and text (megatron_vlm.data.prepare; each command is
-printed), then trains the recipe's VLM on the exact token-ratio blend of text, caption and
-instruction shards given by ``data.ratios``, printing the loss per step overall and per source,
-and evaluates the final checkpoint on ShapesWorld's vision and text tasks (the first
-``--eval-limit`` examples of each; tools/evaluate_vlm.py, results in OUTPUT_DIR/eval), printing
-the scores. ``--data random`` skips the data tools and the evaluation and trains on
-deterministic random batches. The model, DDP, optimizer, schedule and inference are
+By default it runs the paper's recipe at CPU size on ShapesWorld
+(megatron_vlm/experiments/miniature.py, examples/quickstart/): the data tools, text
+pre-training with a checkpoint at 80%, image-text continued pre-training from it (the schedule
+continued, 15% captions), instruction fine-tuning, and the evaluation on ShapesWorld's VQA, POPE
+and referring boxes and its text tasks, then the same evaluation with every image blank. One
+line per stage (each stage's output goes to runs/quickstart/logs/), then a table of the scores
+with and without the images, a figure, and what to run next. key=value overrides go to every
+training stage. A rerun skips the stages whose results exist and resumes an interrupted one.
+
+With ``--single`` it runs one training of ``--recipe`` instead, on the ShapesWorld blend of
+text, caption and instruction shards (``--data shapesworld``; each tool's command is printed)
+or on deterministic random batches (``--data random``), printing the loss per step overall and
+per source, and evaluates the final checkpoint on ShapesWorld (the first ``--eval-limit``
+examples of each task split). The model, DDP, optimizer, schedule and inference are
 megatron-core's, exactly as on a GPU cluster.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 
@@ -28,14 +37,29 @@ def main(argv=None) -> int:
 
     parser = config_arg_parser(__doc__.split("\n\n")[0], default_recipe="tiny",
                                prog="python -m megatron_vlm.quickstart")
+    parser.add_argument("--short", action="store_true",
+                        help="the paper in miniature with fewer steps per stage (what CI runs; "
+                             "output under runs/quickstart_short)")
+    parser.add_argument("--single", action="store_true",
+                        help="one training run of --recipe instead of the paper in miniature")
     parser.add_argument("--data", choices=("shapesworld", "random"), default="shapesworld",
-                        help="ShapesWorld shards made by the data tools (default), or random "
-                             "batches")
+                        help="--single: ShapesWorld shards made by the data tools (default), or "
+                             "random batches")
     parser.add_argument("--eval-limit", type=int, default=16,
-                        help="examples per evaluation task split after training (0: no "
-                             "evaluation; ShapesWorld data only)")
+                        help="--single: examples per evaluation task split after training (0: "
+                             "no evaluation; ShapesWorld data only)")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
+    if args.single and args.short:
+        raise ValueError("--short goes with the paper in miniature, not with --single")
+    if not args.single:
+        if args.recipe != "tiny" or args.data != "shapesworld":
+            raise ValueError("--recipe and --data go with --single; the paper in miniature "
+                             "runs examples/quickstart/ on ShapesWorld")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("the paper in miniature starts its stages itself: run it with "
+                             "python, not torchrun (torchrun goes with --single)")
+        return _paper_in_miniature(args.short, overrides)
     cfg = load_config(args.recipe, overrides)
 
     import torch.distributed as dist
@@ -71,6 +95,26 @@ def main(argv=None) -> int:
         _evaluate(cfg, args.eval_limit, rank)
     shutdown()
     return 0 if history[-1]["loss"] < history[0]["loss"] else 1
+
+
+def _paper_in_miniature(short: bool, overrides: list[str]) -> int:
+    from megatron_vlm.experiments.execute import Interrupted, LocalRunner, StageFailed
+    from megatron_vlm.experiments.miniature import miniature_plan, report
+
+    plan = miniature_plan(short, overrides)
+    try:
+        LocalRunner(plan).run()
+    except StageFailed as err:
+        print(f"quickstart: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except Interrupted as err:
+        where = f" during {err.run.id} (log: {err.run.log})" if err.run else ""
+        print(f"quickstart: interrupted by {err}{where}; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return 128 + err.signum
+    text, _ = report(plan)
+    print(text, flush=True)
+    return 0
 
 
 def _evaluate(cfg, limit: int, rank: int) -> None:

@@ -217,12 +217,19 @@ def test_llava_json_structure(world):
 
 def test_llava_answers_follow_the_scene(world):
     scenes = _scenes(world)
+    openings = Counter()
     for r in json.loads((world / "llava" / "llava_instruct.json").read_text()):
         if "image" not in r:
             continue
         scene = scenes[f"llava/images/{r['image']}"]
         shapes = Counter(o["shape"] for o in scene["objects"])
         for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
+            openings[" ".join(q["value"].removeprefix("<image>\n").split()[:2])] += 1
+            m = re.match(r"(?:<image>\n)?Is there an? (\w+) (\w+)(?: in the image)?\?",
+                         q["value"])
+            if m:
+                present = any((o["color"], o["shape"]) == m.groups() for o in scene["objects"])
+                assert a["value"].lower().startswith("yes" if present else "no"), (q, a)
             m = re.match(r"(?:<image>\n)?How many (circle|square|triangle)s are there\?\n",
                          q["value"])
             if m:
@@ -233,6 +240,11 @@ def test_llava_answers_follow_the_scene(world):
                 i = resolve(Scene.from_record(scene), m.group(1))
                 assert len(i) == 1
                 assert box == [round(v, 2) for v in scene["objects"][i[0]]["bbox"]]
+    # Question kinds take turns: counting (five or more per scene) does not crowd out the
+    # rest, and existence questions (POPE's kind) are common.
+    total = sum(openings.values())
+    assert openings["How many"] < 0.3 * total, openings
+    assert openings["Is there"] > 0.15 * total, openings
 
 
 # ---------------------------------------------------------------- evaluation sets
@@ -269,7 +281,7 @@ def test_vqav2_official_format_and_answers(world):
             assert right == str(len(objs))
         elif m := re.fullmatch(r"What color is the (circle|square|triangle)\?", q["question"]):
             assert [o["color"] for o in objs if o["shape"] == m.group(1)] == [right]
-        elif m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", q["question"]):
+        elif m := re.fullmatch(r"Is there an? (\w+) (\w+)(?: in the image)?\?", q["question"]):
             present = any((o["color"], o["shape"]) == m.groups() for o in objs)
             assert right == ("yes" if present else "no")
     assert set(types) == {"yes/no", "number", "other"}
@@ -385,7 +397,7 @@ def test_tokenizers_round_trip_with_special_ids(world):
     assert 0 in ids and 1 in ids  # specials are single tokens
     assert tok.decode(ids, skip_special_tokens=False) == text
     caption = _read_jsonl(world / "captions_folder" / "captions.jsonl")[0]["caption"]
-    assert len(tok.encode(caption).ids) < len(caption) / 2  # merges learnt on the data
+    assert len(tok.encode(caption).ids) < 0.6 * len(caption)  # merges learnt on the data
     assert tok.encode("red circle", add_special_tokens=True).ids[0] != 0  # no BOS added
 
     import sentencepiece as spm

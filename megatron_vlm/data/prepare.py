@@ -89,6 +89,11 @@ class PreparedData:
                 f"evaluation.image_embeddings={self.eval_images}"]
 
 
+class ToolFailed(ValueError):
+    """A data tool exited with an error (a ValueError, so entry points print it as one line:
+    the tool itself has printed the reason, or its traceback for an internal error)."""
+
+
 def _run(tool: str, args: list[str], quiet: bool) -> None:
     cmd = [sys.executable, str(REPO / "tools" / tool), *args]
     if not quiet:
@@ -99,18 +104,23 @@ def _run(tool: str, args: list[str], quiet: bool) -> None:
                           stdout=subprocess.PIPE if quiet else None,
                           stderr=subprocess.STDOUT if quiet else None)
     if proc.returncode:
-        raise RuntimeError(f"tools/{tool} failed with status {proc.returncode}"
-                           + (f":\n{proc.stdout[-3000:]}" if quiet else ""))
+        # The tool has said why (above, or in its output here when quiet): one line more.
+        raise ToolFailed(f"tools/{tool} failed with status {proc.returncode}"
+                         + (f":\n{proc.stdout[-3000:]}" if quiet else " (its output is above)"))
 
 
 def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides=(),
                         images: int = 192, text_docs: int = 1500, seed: int = 0,
-                        quiet: bool = False, image_shards: bool = False) -> PreparedData:
+                        quiet: bool = False, image_shards: bool = False, max_shapes: int = 4,
+                        llava_max_turns: int = 2, eval_images: int = 64) -> PreparedData:
     """Makes ShapesWorld under ``root/raw`` and its shards under ``root/shards``.
 
     ``recipe`` and ``overrides`` choose the frozen encoder (``model.encoder``) that embeds the
     images and the sequence length used in preprocessing summaries; its weights are random
-    unless ``model.encoder.weights_path`` is given. ``image_shards`` also writes the image
+    unless ``model.encoder.weights_path`` is given. ``images`` is the number of caption pairs
+    and of images with conversations (``llava_max_turns`` question/answer pairs at most),
+    ``max_shapes`` the most shapes in one image, ``eval_images`` the images behind the
+    evaluation files (tools/make_synthetic_data.py). ``image_shards`` also writes the image
     shards of :func:`prepare_image_shards`.
     """
     from megatron_vlm.config import load_config
@@ -126,7 +136,9 @@ def prepare_shapesworld(root: str | os.PathLike, recipe: str = "tiny", overrides
 
     _run("make_synthetic_data.py", ["--out", str(raw), "--seed", str(seed), "--images",
                                     str(images), "--size", str(enc.image_size), "--text-docs",
-                                    str(text_docs), "--llava-max-turns", "2", *progress], quiet)
+                                    str(text_docs), "--llava-max-turns", str(llava_max_turns),
+                                    "--max-shapes", str(max_shapes), "--eval-images",
+                                    str(eval_images), *progress], quiet)
     _run("preprocess_text.py", ["--input", str(raw / "text" / "corpus.jsonl"), "--tokenizer",
                                 str(tokenizer), "--output-prefix", str(shards / "text" / "corpus"),
                                 *progress], quiet)
@@ -176,3 +188,46 @@ def prepare_image_shards(root: str | os.PathLike, recipe: str = "tiny", override
                                             "--output", str(paths.online_instruction_images)],
          quiet)
     return paths
+
+
+def main(argv=None) -> int:
+    """``python -m megatron_vlm.data.prepare ROOT [options] [key=value ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_vlm.data.prepare",
+        description="Runs the data tools on ShapesWorld: raw files under ROOT/raw, shards a "
+                    "blend trains on under ROOT/shards (each tool's command is printed; a rerun "
+                    "on a finished directory redoes nothing).")
+    parser.add_argument("root", help="output directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides choosing the frozen encoder that embeds the "
+                             "images (model.encoder.*), as for --recipe")
+    parser.add_argument("--recipe", default="tiny", help="recipe of the encoder (default tiny)")
+    parser.add_argument("--images", type=int, default=192,
+                        help="caption pairs, and images with conversations (default 192)")
+    parser.add_argument("--max-shapes", type=int, default=4,
+                        help="most shapes in one image (default 4)")
+    parser.add_argument("--llava-max-turns", type=int, default=2,
+                        help="most question/answer pairs per conversation (default 2)")
+    parser.add_argument("--eval-images", type=int, default=64,
+                        help="images behind the evaluation files (default 64)")
+    parser.add_argument("--text-docs", type=int, default=1500,
+                        help="documents in the text corpus (default 1500)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world (default 0)")
+    parser.add_argument("--image-shards", action="store_true",
+                        help="also store the images as image shards (model.encoder.mode=online)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing unless a tool fails (then its output)")
+    args = parser.parse_args(argv)
+    prepare_shapesworld(args.root, args.recipe, args.overrides, images=args.images,
+                        text_docs=args.text_docs, seed=args.seed, quiet=args.quiet,
+                        image_shards=args.image_shards, max_shapes=args.max_shapes,
+                        llava_max_turns=args.llava_max_turns, eval_images=args.eval_images)
+    return 0
+
+
+if __name__ == "__main__":
+    from megatron_vlm.cli import run_main
+
+    run_main(main, "prepare")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 
-from megatron_vlm.synthetic.language import caption, referring_expressions
-from megatron_vlm.synthetic.questions import candidate_questions
-from megatron_vlm.synthetic.scenes import Scene
+from megatron_vlm.synthetic.language import caption, referring_expressions, with_article
+from megatron_vlm.synthetic.questions import pick_questions
+from megatron_vlm.synthetic.scenes import COMBOS, Scene
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 BOX_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
@@ -29,18 +29,21 @@ def format_box(box: list[float]) -> str:
 
 def image_conversation(scene: Scene, rng: random.Random, max_turns: int = 4) -> list[dict]:
     """1..max_turns question/answer pairs about the scene."""
-    pool = candidate_questions(scene, rng)
-    questions = [q for kind in sorted(pool) for q in pool[kind]]
-    rng.shuffle(questions)
+    # Question kinds take turns (as in the evaluation's VQA set): a flat draw would be mostly
+    # counting questions, of which every scene has five or more.
+    questions = pick_questions(scene, rng, max_turns)
     boxes = [(e, scene.bbox(i)) for i in range(len(scene.objects))
              for e in referring_expressions(scene, i)]
     n_turns = rng.randint(1, max_turns)
     turns: list[dict] = []
     used: set[str] = set()
     for t in range(n_turns):
-        style = rng.choices(("sentence", "short", "describe", "box"), weights=(4, 4, 1, 1))[0]
+        style = rng.choices(("sentence", "short", "describe", "box", "exist"),
+                            weights=(4, 4, 1, 1, 3))[0]
         if style == "describe" and t == 0:
             human, gpt = rng.choice(DESCRIBE), caption(scene, rng)
+        elif style == "exist":
+            human, gpt = existence_question(scene, rng)
         elif style == "box" and boxes:
             expr, box = rng.choice(boxes)
             human, gpt = f'{BOX_PROMPT}"{expr}"', format_box(box)
@@ -57,6 +60,17 @@ def image_conversation(scene: Scene, rng: random.Random, max_turns: int = 4) -> 
             human = "<image>\n" + human
         turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
     return turns
+
+
+def existence_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A POPE-style turn: is a (colour, shape) kind in the image, present or absent with equal
+    odds, answered yes or no."""
+    present = scene.kinds()
+    if rng.random() < 0.5:
+        (color, shape), answer = rng.choice(present), "yes"
+    else:
+        (color, shape), answer = rng.choice([k for k in COMBOS if k not in present]), "no"
+    return f"Is there {with_article(color)} {shape} in the image?\n{SHORT_ANSWER}", answer
 
 
 def text_conversation(rng: random.Random, max_turns: int = 3) -> list[dict]:

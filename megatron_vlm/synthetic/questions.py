@@ -61,13 +61,16 @@ def candidate_questions(scene: Scene, rng: random.Random) -> dict[str, list[Ques
                  f"There {'is' if n == 1 else 'are'} {number_word(n)} "
                  f"{'shape' if n == 1 else 'shapes'} in the image."))
     # existence: one present kind and one absent kind, so yes and no are equally likely
+    # Half of them end "in the image?", as POPE's questions do.
     present = scene.kinds()
     color, shape = rng.choice(present)
-    add(Question("exist", f"Is there {with_article(color)} {shape}?", "yes", "yes/no",
+    where = " in the image" if rng.random() < 0.5 else ""
+    add(Question("exist", f"Is there {with_article(color)} {shape}{where}?", "yes", "yes/no",
                  "is there a", f"Yes, there is {with_article(color)} {shape}."))
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
     color, shape = rng.choice(absent)
-    add(Question("exist", f"Is there {with_article(color)} {shape}?", "no", "yes/no",
+    where = " in the image" if rng.random() < 0.5 else ""
+    add(Question("exist", f"Is there {with_article(color)} {shape}{where}?", "no", "yes/no",
                  "is there a", f"No, there is no {color} {shape}."))
     # left-of relations between uniquely described shapes, clearly apart horizontally
     named = [(i, unique_descriptions(scene, i)) for i in range(n)]
