@@ -495,6 +495,11 @@ class CheckpointConfig(_Section):
     """Interval checkpoints to keep (fraction checkpoints are always kept)."""
     resume: bool = True
     """Resume from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one."""
+    allow_schedule_change: bool = False
+    """Resume even though a setting that shapes the LR schedule or the data order
+    (train.train_iters, train.lr, schedule.*, data.ratios, ...: RESUME_SCHEDULE_KEYS in
+    training/checkpoint_checks.py) differs from the checkpoint's; the differences are logged.
+    Without it such a resume stops with one line listing them."""
     async_save: Optional[bool] = None
     """Write checkpoints in the background while training goes on (megatron-core's
     asynchronous save); a checkpoint counts as saved once every rank has finished writing it.
@@ -838,8 +843,16 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is one ValueError naming ``where`` (a file or an
+    override) and the line and column."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
 def available_recipes() -> list[str]:
@@ -877,7 +890,7 @@ def _read_recipe(ref: str, relative_to: Optional[Path] = None,
     path = _locate(ref, relative_to).resolve()
     if path in chain:
         raise ValueError(f"recipe inheritance cycle: {' -> '.join(map(str, chain + (path,)))}")
-    raw = _load_yaml(path.read_text()) or {}
+    raw = _load_yaml(path.read_text(), f"recipe {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path} must hold a mapping, got {type(raw).__name__}")
     base = raw.pop("base", None)
@@ -904,7 +917,7 @@ def _apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
             raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section;"
                              f" give its whole value, e.g. {'.'.join(parts[:depth + 1])}={{...}}")
         cls = tp
-    nested: Any = _load_yaml(text)
+    nested: Any = _load_yaml(text, f"override {item!r}")
     for name in reversed(parts):
         nested = {name: nested}
     return _merge(RunConfig, data, _normalize(RunConfig, nested, "", f"override {item!r}"))

@@ -50,6 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
+        # The checks training makes of the layout, at the smallest world it fits (one replica,
+        # or parallel.data_parallel of them): TP=3 with 4 heads stops here as it would there.
+        par = cfg.parallel
+        cfg.validate_parallel(par.tensor_parallel * par.pipeline_parallel
+                              * (par.data_parallel or 1))
         info = {"recipe": args.recipe, **describe(cfg)}
     except (ValueError, RuntimeError) as err:
         print(f"describe: error: {err}", file=sys.stderr)

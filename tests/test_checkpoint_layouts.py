@@ -183,3 +183,85 @@ def test_a_process_exiting_during_an_async_save_leaves_no_writer_and_no_complete
     assert running(report["writer_processes_seen"]) == []
     assert "never completed; it stays incomplete as step_0000002.tmp" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "async").iterdir()) == ["step_0000002.tmp"]
+
+
+def test_resume_point_when_latest_is_missing_or_dangling(tmp_path, caplog):
+    """``latest`` naming a deleted checkpoint, or gone itself, must not send a run back to step
+    0 (which would overwrite the checkpoints there): the newest complete one is used, with a
+    warning; with none left, one clear error."""
+    from megatron_vlm.training.checkpointing import latest_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    assert latest_checkpoint(ckpts) is None  # a new run: nothing to resume
+    for step in (4, 8):
+        (ckpts / f"step_{step:07d}").mkdir(parents=True)
+        (ckpts / f"step_{step:07d}" / "common.json").write_text("{}")
+    (ckpts / "step_0000012").mkdir()  # an incomplete one: no common.json
+    (ckpts / "latest").write_text("step_0000008")
+    assert latest_checkpoint(ckpts) == ckpts / "step_0000008"
+    (ckpts / "latest").write_text("step_0000012")
+    with caplog.at_level("WARNING", logger="megatron_vlm"):
+        assert latest_checkpoint(ckpts) == ckpts / "step_0000008"
+    assert "names 'step_0000012', which is missing or incomplete" in caplog.text
+    (ckpts / "latest").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_vlm"):
+        assert latest_checkpoint(ckpts) == ckpts / "step_0000008"
+    assert "latest is missing" in caplog.text
+    (ckpts / "latest").write_text("step_0000016")
+    for step in (4, 8):
+        (ckpts / f"step_{step:07d}" / "common.json").unlink()
+    with pytest.raises(FileNotFoundError, match="names 'step_0000016'.*no complete checkpoint"):
+        latest_checkpoint(ckpts)
+
+
+def test_pruning_keeps_fraction_checkpoints_of_any_earlier_run(tmp_path):
+    """Interval checkpoints beyond keep_last go; a checkpoint saved as a fraction checkpoint
+    (``"kept": true``) stays even when this run's fractions fall on other steps."""
+    from megatron_vlm.training.checkpointing import prune_checkpoints
+
+    for step, kept in ((2, True), (4, False), (6, False), (8, True), (10, False)):
+        d = tmp_path / f"step_{step:07d}"
+        d.mkdir()
+        (d / "common.json").write_text(json.dumps({"step": step, "kept": kept}))
+    (tmp_path / "step_0000012.tmp").mkdir()
+    prune_checkpoints(tmp_path, keep_last=1, keep={"step_0000004"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_0000002", "step_0000004", "step_0000008", "step_0000010"]
+
+
+def test_resume_schedule_check_lists_every_difference(caplog):
+    from megatron_vlm.config import config_to_dict, load_config
+    from megatron_vlm.training.checkpoint_checks import check_resume_schedule
+
+    saved = {"config": config_to_dict(load_config("tiny"))}
+    here = config_to_dict(load_config("tiny", ["train.train_iters=60", "train.lr=1e-3",
+                                                "parallel.data_parallel=2", "train.log_interval=5"]))
+    with pytest.raises(ValueError) as err:
+        check_resume_schedule(saved, here, "ckpt", allow=False)
+    message = str(err.value)
+    assert message.startswith("cannot resume from ckpt: train.train_iters: checkpoint 30, this "
+                              "run 60; train.lr: checkpoint 0.003, this run 0.001. ")
+    # another data-parallel size or log interval is no reason to refuse
+    assert "data_parallel" not in message and "log_interval" not in message
+    with caplog.at_level("WARNING", logger="megatron_vlm"):
+        check_resume_schedule(saved, here, "ckpt", allow=True)
+    assert "train.train_iters: checkpoint 30, this run 60" in caplog.text
+    check_resume_schedule({"config": here}, here, "ckpt", allow=False)  # same settings
+    check_resume_schedule({}, here, "ckpt", allow=False)  # a checkpoint without a config
+
+
+def test_decoder_check_compares_the_resolved_ffn_width():
+    from megatron_vlm.config import config_to_dict, load_config
+    from megatron_vlm.training.checkpointing import check_decoder_matches
+
+    saved = {"config": config_to_dict(load_config("tiny"))}  # ffn_hidden_size null: 256
+    assert saved["config"]["model"]["decoder"]["ffn_hidden_size"] is None
+    check_decoder_matches(saved, load_config("tiny", ["model.decoder.ffn_hidden_size=256"])
+                          .model.decoder, "ckpt")
+    with pytest.raises(ValueError, match="ffn_hidden_size=256 but this run has 512"):
+        check_decoder_matches(saved, load_config(
+            "tiny", ["model.decoder.ffn_hidden_size=512"]).model.decoder, "ckpt")
+    with pytest.raises(ValueError, match="hidden_size=64 but this run has 128"):
+        check_decoder_matches(saved, load_config(
+            "tiny", ["model.decoder.hidden_size=128"]).model.decoder, "ckpt")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -117,6 +119,26 @@ def test_override_syntax_errors():
         load_config("tiny", ["train.lr"])
     with pytest.raises(ValueError, match="not a section"):
         load_config("tiny", ["model.encoder.custom_vision_cfg.width=64"])
+    # YAML that does not parse: one line naming the override and where in it
+    with pytest.raises(ValueError) as err:
+        load_config("tiny", ["data.ratios={text: [1}"])
+    assert str(err.value).startswith("override 'data.ratios={text: [1}': not valid YAML at line "
+                                     "1, column 10: expected ")
+    assert "\n" not in str(err.value) and err.value.__cause__ is None
+
+
+def test_yaml_syntax_error_in_a_config_file_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\ntrain:\n  lr: 1e-3\n  micro_batch_size: [2\n")
+    with pytest.raises(ValueError) as err:
+        load_config(str(path))
+    message = str(err.value)
+    assert message.startswith(f"recipe {path}: not valid YAML at line 5, column 1: "), message
+    # the same through an entry point: one line, no traceback
+    proc = subprocess.run([sys.executable, "-m", "megatron_vlm.describe", "--recipe", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"describe: error: {message}"
 
 
 @pytest.mark.parametrize("override, message", [

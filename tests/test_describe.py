@@ -94,6 +94,12 @@ def test_describe_table_and_errors(fake_encoder_count, capsys):
     assert "decoder" in out and "total" in out and f"{FAKE_ENCODER_PARAMS:,}" in out
     assert describe.main(["--recipe", "tiny", "train.lr=abc"]) == 1
     assert "train.lr" in capsys.readouterr().err
+    # the layout checks training makes: 4 heads do not split over TP=3
+    assert describe.main(["--recipe", "tiny", "parallel.tensor_parallel=3"]) == 1
+    assert capsys.readouterr().err.strip() == ("describe: error: model.decoder.num_attention_heads"
+                                               "=4 is not divisible by parallel.tensor_parallel=3")
+    assert describe.main(["--recipe", "tiny", "parallel.data_parallel=3"]) == 1
+    assert "train.global_batch_size=8 is not divisible" in capsys.readouterr().err
 
 
 def test_describe_help_lists_config_keys():

@@ -224,6 +224,33 @@ def test_checkpoint_without_config_is_a_clear_error(checkpoint, tmp_path):
         EvalModel.from_checkpoint(copy)
 
 
+@pytest.mark.parametrize("fault", ["truncated", "missing", "no_index", "bad_index"])
+def test_damaged_checkpoint_is_one_clear_line(checkpoint, tmp_path, fault):
+    """A data file cut short or gone, or the index gone or garbled: one line naming the
+    checkpoint and the file, before torch's loader fails deep inside with a long traceback."""
+    from megatron_vlm.evaluation.engine import EvalModel
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(checkpoint, copy)
+    data = sorted(copy.glob("*.distcp"))[-1]
+    if fault == "truncated":
+        size = data.stat().st_size
+        with open(data, "r+b") as f:
+            f.truncate(size - 100)
+        match = rf"checkpoint .*damaged is incomplete: {data.name} has {size - 100:,} bytes"
+    elif fault == "missing":
+        data.unlink()
+        match = rf"checkpoint .*damaged is incomplete: {data.name} is missing"
+    elif fault == "no_index":
+        (copy / ".metadata").unlink()
+        match = r"checkpoint .*damaged is incomplete: its index .metadata is missing"
+    else:
+        (copy / ".metadata").write_bytes(b"not a pickle")
+        match = r"checkpoint .*damaged: its index .metadata cannot be read"
+    with pytest.raises(ValueError, match=match):
+        EvalModel.from_checkpoint(copy)
+
+
 # ------------------------------------------------------------------------ parallel layouts
 
 

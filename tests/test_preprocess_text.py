@@ -247,3 +247,25 @@ def test_command_line(tmp_path, hf_tokenizer, repo_root):
     missing = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")] + cmd[4:],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "input not found" in missing.stderr
+
+
+@pytest.mark.parametrize("cut", ["bin_end", "bin_half", "idx_body", "idx_header"])
+def test_truncated_text_shard_is_one_clear_line_when_opened(tmp_path, cut):
+    """A cut .bin or .idx is named when the data is opened (training start), not found at the
+    step that first reads past the end as an unnamed buffer error."""
+    from megatron_vlm.data.text_shards import write_text_dataset
+
+    prefix = str(tmp_path / "corpus")
+    write_text_dataset(prefix, [list(range(1, n + 1)) for n in (5, 9, 3, 12)])
+    assert len(open_text_dataset(prefix)) == 4  # intact
+    path = prefix + (".bin" if cut.startswith("bin") else ".idx")
+    size = os.path.getsize(path)
+    keep = {"bin_end": size - 4, "bin_half": size // 2, "idx_body": size - 8,
+            "idx_header": 12}[cut]
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    with pytest.raises(ValueError) as err:
+        open_text_dataset(prefix)
+    message = str(err.value)
+    assert message.startswith(f"text dataset {'index ' if path.endswith('.idx') else ''}{path} ")
+    assert "rerun tools/preprocess_text.py" in message and "\n" not in message

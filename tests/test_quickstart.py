@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from distributed import REPO, free_port
 
 # What the shorter version (CI's) must show at least: its vision stable score with the images
@@ -58,6 +59,7 @@ def loss_rows(stdout):
     return [r for r in rows if r and r[0].isdigit() and len(r) >= 2]
 
 
+@pytest.mark.slow  # about 50 s; the paper in miniature above runs the same tools and stages
 def test_end_to_end_from_raw_files_to_a_falling_loss(tmp_path):
     proc = run("--single", "train.train_iters=12", f"output_dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -177,6 +177,41 @@ def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
         assert no_wandb.returncode == 2 and "wandb is not installed" in no_wandb.stderr
 
 
+def test_resume_with_another_schedule_stops_and_fraction_checkpoints_are_never_pruned(
+        text_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_run, run)  # steps 2 (20%), 8 (80%) and 10 (100%) of 10
+    (run / "checkpoints" / "latest").write_text("step_0000008")
+    # another decoder: one line at start, not a silent resize or a traceback from the loader
+    # (the resolved ffn width: test_checkpoint_layouts.py)
+    other = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=10",
+                  "schedule.warmup_iters=2", "checkpoint.save_fractions=[0.2,0.8,1.0]",
+                  "model.decoder.vocab_size=640", f"output_dir={run}")
+    assert other.returncode == 2 and "vocab_size=512 but this run has 640" in other.stderr, \
+        other.stderr[-2000:]
+    assert "Traceback" not in other.stderr
+    longer = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=20",
+                   "schedule.warmup_iters=2", "checkpoint.save_fractions=[0.2,0.8,1.0]",
+                   f"output_dir={run}")
+    assert longer.returncode == 2 and "Traceback" not in longer.stderr, longer.stderr[-2000:]
+    assert "cannot resume from" in longer.stderr and \
+        "train.train_iters: checkpoint 10, this run 20" in longer.stderr
+    assert "checkpoint.allow_schedule_change=true" in longer.stderr
+    # allowed: it resumes at step 8 and saves at 16 and 20 (keep_last=1), but the first run's
+    # fraction checkpoints stay
+    allowed = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=20",
+                    "schedule.warmup_iters=2", "checkpoint.save_fractions=[0.2,0.8,1.0]",
+                    "checkpoint.keep_last=1", "checkpoint.allow_schedule_change=true",
+                    f"output_dir={run}")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "schedule settings changed" in allowed.stderr and "resumed from" in allowed.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_0000002", "step_0000008", "step_0000010", "step_0000016",
+                     "step_0000020"], names
+
+
 @pytest.fixture(scope="module")
 def shapesworld(tmp_path_factory):
     from megatron_vlm.data.prepare import prepare_shapesworld

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -116,13 +117,49 @@ def write_text_dataset(path_prefix: str, documents: Iterable[Sequence[int] | np.
         raise
 
 
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+
+
+def _check_index_size(idx_path: str) -> None:
+    """ValueError naming ``idx_path`` unless its header reads and its length is what the header
+    says (megatron-core's layout: int32 lengths and int64 pointers per sequence, int64 document
+    indices)."""
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        head = f.read(_INDEX_HEADER.size)
+    if len(head) < _INDEX_HEADER.size or not head.startswith(b"MMIDIDX"):
+        raise ValueError(f"text dataset index {idx_path} is not a megatron index (header of "
+                         f"{len(head)} bytes); rerun tools/preprocess_text.py")
+    _, _, _, sequences, documents = _INDEX_HEADER.unpack(head)
+    need = _INDEX_HEADER.size + 12 * sequences + 8 * documents
+    if size < need:
+        raise ValueError(f"text dataset index {idx_path} has {size:,} bytes but its header "
+                         f"describes {sequences:,} sequences in {need:,}: the file is truncated; "
+                         "rerun tools/preprocess_text.py")
+
+
 def open_text_dataset(path_prefix: str):
-    """megatron-core's ``IndexedDataset`` for ``path_prefix`` (.bin/.idx), memory-mapped."""
+    """megatron-core's ``IndexedDataset`` for ``path_prefix`` (.bin/.idx), memory-mapped.
+
+    A truncated ``.idx``, or a ``.bin`` shorter than its index says, is one ValueError naming
+    the file here, when the data is opened, not an unnamed buffer error at the training step
+    that first reads past the end."""
     mod = import_indexed_dataset()
-    for path in (mod.get_idx_path(path_prefix), mod.get_bin_path(path_prefix)):
+    idx_path, bin_path = mod.get_idx_path(path_prefix), mod.get_bin_path(path_prefix)
+    for path in (idx_path, bin_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"text dataset file not found: {path}")
-    return mod.IndexedDataset(path_prefix, multimodal=False, mmap=True)
+    _check_index_size(idx_path)
+    dataset = mod.IndexedDataset(path_prefix, multimodal=False, mmap=True)
+    index = dataset.index
+    if len(index.sequence_lengths):
+        need = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+        have = os.path.getsize(bin_path)
+        if have < need:
+            raise ValueError(f"text dataset {bin_path} has {have:,} bytes but its index "
+                             f"{idx_path} places tokens up to byte {need:,}: the file is "
+                             "truncated; rerun tools/preprocess_text.py")
+    return dataset
 
 
 def text_manifest_path(output_prefix: str) -> str:

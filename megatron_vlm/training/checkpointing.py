@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -32,10 +33,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vlm.fsutil import fsync_dir, write_text_atomic
+from megatron_vlm.training.checkpoint_checks import check_checkpoint_files
 
 logger = logging.getLogger("megatron_vlm")
 
 LATEST = "latest"
+KEPT = "kept"  # common.json: a fraction checkpoint, never pruned
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 COMMON = "common.json"
 LAYOUT = "layout"  # common-dict key: the layout a checkpoint with RNG states was saved at
@@ -362,6 +365,7 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool
         raise ValueError("a partial load cannot restore the optimizer state")
     directory = resolve_checkpoint(directory)
     common = read_common(directory)
+    check_checkpoint_files(directory)
     if optimizer is not None and common.get("contents") == ["model"]:
         raise ValueError(f"checkpoint {directory} holds weights only (e.g. a converted one): set "
                          "checkpoint.load_optimizer=false")
@@ -479,14 +483,22 @@ DECODER_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size
 
 def check_decoder_matches(common: dict, decoder_cfg, directory) -> None:
     """Stops when a checkpoint's decoder shape differs from the run's: megatron-core would load
-    a different vocabulary size silently (dropping or zero-filling rows)."""
+    a different vocabulary size silently (dropping or zero-filling rows), and another width
+    fails deep inside its loader. ``ffn_hidden_size`` is compared resolved (null: the SwiGLU
+    rule from hidden_size), so null on one side and the same width on the other match."""
     saved = (common.get("config") or {}).get("model", {}).get("decoder")
     if not saved:
         return
     for key in DECODER_SHAPE:
-        if key in saved and saved[key] is not None and saved[key] != getattr(decoder_cfg, key):
-            raise ValueError(f"checkpoint {directory} has model.decoder.{key}={saved[key]} but this "
-                             f"run has {getattr(decoder_cfg, key)}")
+        theirs, ours = saved.get(key), getattr(decoder_cfg, key)
+        if key == "ffn_hidden_size":
+            if theirs is None and isinstance(saved.get("hidden_size"), int):
+                theirs = type(decoder_cfg).resolved_ffn_hidden_size(
+                    SimpleNamespace(ffn_hidden_size=None, hidden_size=saved["hidden_size"]))
+            ours = decoder_cfg.resolved_ffn_hidden_size()
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"checkpoint {directory} has model.decoder.{key}={theirs} but this "
+                             f"run has {ours}")
 
 
 def read_common(directory: str | Path) -> dict:
@@ -514,25 +526,54 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def latest_checkpoint(directory: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint under ``directory``, or None."""
+    """The checkpoint a run in ``directory`` resumes from: the one ``latest`` names, or None
+    when there is none at all. Should ``latest`` be missing, or name a checkpoint that is
+    missing or incomplete, the newest complete step checkpoint instead, with a warning naming
+    both (starting again from step 0 would overwrite it); with no complete checkpoint left but
+    a ``latest``, FileNotFoundError naming it."""
+    directory = Path(directory)
     try:
         return resolve_checkpoint(directory)
     except FileNotFoundError:
-        return None
+        pass
+    complete = sorted(p for p in directory.iterdir() if STEP_DIR.match(p.name)
+                      and (p / COMMON).is_file()) if directory.is_dir() else []
+    pointer = directory / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if complete:
+        why = (f"{pointer} names {named!r}, which is missing or incomplete" if named is not None
+               else f"{pointer} is missing")
+        logger.warning("checkpoint: %s; resuming from the newest complete checkpoint, %s", why,
+                       complete[-1])
+        return complete[-1]
+    if named is not None:
+        raise FileNotFoundError(f"{pointer} names {named!r}, which is missing or incomplete, and "
+                                f"{directory} holds no complete checkpoint to resume from; "
+                                f"remove {pointer} to start again from step 0")
+    return None
 
 
 def prune_checkpoints(directory: str | Path, keep_last: int, keep: set[str]) -> None:
-    """Deletes all but the ``keep_last`` newest step checkpoints, except those named in ``keep``;
-    leftovers of interrupted writes (``*.tmp``) go too."""
+    """Deletes all but the ``keep_last`` newest step checkpoints, except those named in ``keep``
+    and those saved as fraction checkpoints (``"kept": true`` in their common.json: a run with
+    other fractions, e.g. another train.train_iters, never deletes them); leftovers of
+    interrupted writes (``*.tmp``) go too."""
     if not is_rank0():
         return
     directory = Path(directory)
     steps = sorted(p for p in directory.iterdir() if STEP_DIR.match(p.name))
     for old in steps[:-keep_last] if keep_last else steps:
-        if old.name not in keep:
+        if old.name not in keep and not _saved_to_keep(old):
             shutil.rmtree(old, ignore_errors=True)
     for leftover in directory.glob("*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _saved_to_keep(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / COMMON).read_text()).get(KEPT))
+    except (OSError, ValueError):
+        return False  # incomplete or unreadable: an ordinary candidate
 
 
 def step_dir_name(step: int) -> str:

@@ -124,6 +124,7 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     from megatron_vlm.runtime import initialize
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training.checkpoint_checks import check_resume_schedule
     from megatron_vlm.training import flops
     from megatron_vlm.training.metrics_log import MetricsLog
     from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
@@ -143,6 +144,12 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
                       seed=cfg.seed, device=cfg.parallel.device)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    resume = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
+    if resume is not None:  # before any work: another model or schedule stops here
+        resume_common = ckpt.read_common(resume)
+        ckpt.check_decoder_matches(resume_common, cfg.model.decoder, resume)
+        check_resume_schedule(resume_common, config_to_dict(cfg), resume,
+                              cfg.checkpoint.allow_schedule_change)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         logger.info("config: %s (non-default: %s)", dump_config(cfg, out / "config.yaml"),
@@ -158,7 +165,6 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         logger.info("FP8 (%s) in the decoder's transformer layers; projector, embeddings and "
                     "output layer in %s", cfg.train.fp8, cfg.train.params_dtype)
 
-    resume = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
     start, loader_state = 0, None
     if resume is not None:
         common = ckpt.load_checkpoint(resume, state.model, state.optimizer)
@@ -237,7 +243,8 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             if done in saves or (interval and done % interval == 0):
                 meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
                 common = {"step": done, "schedule": meta.to_dict(), "loader": loader.state_dict(),
-                          "fraction": done / cfg.train.train_iters, "config": config_to_dict(cfg)}
+                          "fraction": done / cfg.train.train_iters, ckpt.KEPT: done in saves,
+                          "config": config_to_dict(cfg)}
                 with synced_parameters(state.model):
                     writer.save(ckpt_dir / ckpt.step_dir_name(done), state.model, state.optimizer,
                                 common, on_done=lambda path, done=done: saved(path, done))
