@@ -22,28 +22,10 @@ from megatron_vlm.data.image_io import SIGLIP_NORM  # noqa: E402
 from megatron_vlm.data.image_shards import ImageDataset, ImageShardWriter  # noqa: E402
 from megatron_vlm.data.loader import BlendLoader, DataSources, build_index  # noqa: E402
 from megatron_vlm.data.precompute import SkipLimitExceeded  # noqa: E402
+from precompute_helpers import drop_last_shard, run_tool  # noqa: E402
 
 S = 56  # the tiny recipe's image size
 TRUNCATED, MISSING = "corrupt-000000", "corrupt-000001"  # ShapesWorld --corrupt 2
-
-
-def _load_tool():
-    import importlib.util
-
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "precompute_tool", REPO_ROOT / "tools" / "precompute_image_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
-
-
-def run_tool(*argv) -> int:
-    return tool.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +136,11 @@ def test_store_images_resumes_to_identical_files_and_stops_over_max_skips(world,
     assert run_tool(*args) == 0
     first = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith("shard_")}
     # interrupted before the last shard was finished: not in the index, its files gone
-    index = json.loads((out / "index.json").read_text())
-    last = index["shards"].pop()
-    index["rows"] -= last["rows"]
-    (out / "index.json").write_text(json.dumps(index))
-    for desc in last["files"].values():
-        (out / desc["file"]).unlink()
+    dropped = drop_last_shard(out)
     caplog.clear()
     assert run_tool(*args) == 0
-    assert f"already done      {40 - last['rows']} " in caplog.text
-    assert f"images stored     {last['rows']} " in caplog.text
+    assert f"already done      {40 - dropped} " in caplog.text
+    assert f"images stored     {dropped} " in caplog.text
     second = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith("shard_")}
     assert second == first
     # loaded with another resize mode than the shards were written for: refused

@@ -27,23 +27,12 @@ from megatron_vlm.data.image_io import (  # noqa: E402
     resize_geometry,
 )
 from megatron_vlm.data.precompute import SkipLimitExceeded  # noqa: E402
+from precompute_helpers import TOOL, drop_last_shard, run_tool, tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TOOL = REPO / "tools" / "precompute_image_embeddings.py"
 S = 56  # the tiny recipe's image size
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right", "of", "photo"]
 
-
-def _load_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("precompute_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tool = _load_tool()
 
 
 def picture(w: int, h: int, seed: int) -> Image.Image:
@@ -239,10 +228,6 @@ def tar_inputs(tmp_path_factory):
     return root, expected
 
 
-def run_tool(*argv):
-    return tool.main([str(a) for a in argv])
-
-
 def _check_against_encoder(out_dir, expected, weights_path, mode, tok_path=None):
     from megatron_vlm.data.tokenizer import load_tokenizer
 
@@ -313,12 +298,7 @@ def test_tool_resume_writes_identical_files(tmp_path, tar_inputs, weights, tok_p
     first = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith(("shard_", "index"))}
     assert len([n for n in first if n.endswith(".emb")]) == 2
     # interrupted before the last shard was finished: it is not in the index, its files are gone
-    index = json.loads((out / "index.json").read_text())
-    last = index["shards"].pop()
-    index["rows"] -= last["rows"]
-    (out / "index.json").write_text(json.dumps(index))
-    for desc in last["files"].values():
-        (out / desc["file"]).unlink()
+    drop_last_shard(out)
     caplog.clear()
     run_tool(*args)
     assert "already done      3 " in caplog.text and "images embedded   3 " in caplog.text
