@@ -174,3 +174,55 @@ def test_caption_fill_text_packs_documents_with_their_own_attention(world):
     for a, b in zip(full[2:], steps(resumed, 2)):
         for x, y in zip(a, b):
             assert_same(x, y)
+
+
+def test_a_source_with_nothing_to_train_on_is_refused_at_open(world, tmp_path):
+    """An empty corpus, an unfinished one, an empty LLaVA list, an empty caption directory and
+    instructions whose images are all missing each stop at data opening with one line naming
+    the config key and path (not a blend or window-builder internal later on)."""
+    from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
+    from megatron_vlm.data.llava_preprocess import preprocess_llava
+    from megatron_vlm.data.loader import DataSources
+    from megatron_vlm.data.text_preprocess import preprocess_text
+
+    root, tokenizer = world
+    (tmp_path / "empty.jsonl").write_text("")
+    preprocess_text([str(tmp_path / "empty.jsonl")], tokenizer, str(tmp_path / "empty" / "c"),
+                    progress=False)
+    preprocess_text([str(root / "raw" / "text" / "corpus.jsonl")], tokenizer,
+                    str(tmp_path / "cut" / "c"), docs_per_shard=150, progress=False,
+                    stop_after_shards=1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"not decoded here")
+    (tmp_path / "llava.json").write_text("[]")
+    (tmp_path / "one.json").write_text(json.dumps([{"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a"}]}]))
+    for name, out in (("llava.json", "instructions"), ("one.json", "with_image")):
+        preprocess_llava(str(tmp_path / name), str(tmp_path / "images"), tokenizer,
+                         str(tmp_path / out), "<|sep|>", progress=False)
+    with EmbeddingShardWriter(tmp_path / "captions", N_IMG, D_ENC):
+        pass
+    with EmbeddingShardWriter(tmp_path / "other_images", N_IMG, D_ENC) as writer:
+        writer.add("not/an/instruction/image.png", torch.zeros(N_IMG, D_ENC))
+    cases = [
+        (["data.ratios={text: 1.0}", f"data.text={tmp_path}/empty/c"],
+         rf"data.text={tmp_path}/empty/c: the corpus holds no documents"),
+        (["data.ratios={text: 1.0}", f"data.text={tmp_path}/cut/c"],
+         rf"data.text={tmp_path}/cut/c: .* did not finish \(1 shards so far\)"),
+        (["data.ratios={text: 0.5, instructions: 0.5}", f"data.instructions={tmp_path}/instructions"],
+         rf"data.instructions={tmp_path}/instructions holds no conversations"),
+        (["data.ratios={text: 0.5, captions: 0.5}", f"data.captions={tmp_path}/captions"],
+         rf"data.captions={tmp_path}/captions holds no image records"),
+        (["data.ratios={text: 0.5, instructions: 0.5}", "data.max_skips=1000",
+          f"data.instructions={tmp_path}/with_image",
+          f"data.instruction_images={tmp_path}/other_images"],
+         rf"data.instructions={tmp_path}/with_image holds no conversations whose image is in "
+         rf"data.instruction_images={tmp_path}/other_images"),
+    ]
+    for overrides, message in cases:
+        cfg = config(world, *overrides)
+        enc = cfg.model.encoder
+        with pytest.raises(ValueError, match=message) as err:
+            DataSources(cfg.data, cfg.train.seq_length, enc.num_image_tokens, enc.embed_dim,
+                        cfg.model.decoder.vocab_size)
+        assert "\n" not in str(err.value)

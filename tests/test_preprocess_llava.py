@@ -136,6 +136,34 @@ def test_resume_keeps_finished_shards_and_matches_an_uninterrupted_run(inputs):
         run(tmp_path, out, records_per_shard=2, system_prompt="be brief")
 
 
+def test_an_input_edited_in_place_is_refused(inputs):
+    """Same size, same record count, different words: the input's sha256 is among the
+    settings, so the finished shards of the old text are not resumed on."""
+    tmp_path, _ = inputs
+    out = tmp_path / "o"
+    run(tmp_path, out, records_per_shard=2, stop_after_shards=1)
+    src = tmp_path / "llava.json"
+    text = src.read_text()
+    edited = text.replace('"red"', '"why"', 1)
+    assert edited != text and len(edited) == len(text)
+    src.write_text(edited)
+    with pytest.raises(ValueError, match=r"made from .*llava.json with the input JSON changed "
+                                         r"since they were written; use another output"):
+        run(tmp_path, out, records_per_shard=2)
+
+
+def test_an_empty_list_is_a_warning(inputs, caplog):
+    """An empty LLaVA list (or one whose records are all skipped) writes no conversations:
+    a warning says so (training refuses the directory: tests/test_loader.py)."""
+    tmp_path, _ = inputs
+    (tmp_path / "empty.json").write_text("[]")
+    with caplog.at_level("WARNING", logger="megatron_vlm"):
+        summary = run(tmp_path, tmp_path / "o", json_path=str(tmp_path / "empty.json"))
+    assert summary.written == 0 and summary.shards == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "empty.json holds no usable conversations" in warned[0]
+
+
 def test_separator_inside_text_is_counted(inputs):
     tmp_path, _ = inputs
     (tmp_path / "sep.json").write_text(json.dumps([

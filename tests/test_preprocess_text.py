@@ -220,6 +220,45 @@ def test_resume_writes_identical_shards(tmp_path, hf_tokenizer):
     assert fourth.shards == 4 and not os.path.exists(out + "_00004.bin")
 
 
+def test_an_input_edited_in_place_is_refused_then_rebuilt(tmp_path, hf_tokenizer):
+    """An edit that keeps the file's size must not resume on the old shards (the manifest
+    holds each input's sha256), and --overwrite rebuilds from the new content."""
+    src = tmp_path / "c.jsonl"
+    _write_jsonl(src, _docs(12))
+    out = str(tmp_path / "run" / "t")
+    preprocess_text([str(src)], hf_tokenizer, out, docs_per_shard=5, progress=False)
+    before = _shard_bytes(out)
+    text = src.read_text()
+    edited = text.replace("quick", "QUICK", 1)
+    assert edited != text and len(edited) == len(text)
+    src.write_text(edited)
+    with pytest.raises(ValueError, match=r"the inputs changed since the existing shards were "
+                                         rf"written \({src} changed \(same size, different "
+                                         r"content\)\).*--overwrite"):
+        preprocess_text([str(src)], hf_tokenizer, out, docs_per_shard=5, progress=False)
+    assert _shard_bytes(out) == before  # refused without touching the shards
+    rebuilt = preprocess_text([str(src)], hf_tokenizer, out, docs_per_shard=5, progress=False,
+                              overwrite=True)
+    assert rebuilt.shards_written == 3 and rebuilt.shards_reused == 0
+    fresh = str(tmp_path / "fresh" / "t")
+    preprocess_text([str(src)], hf_tokenizer, fresh, docs_per_shard=5, progress=False)
+    assert _shard_bytes(out) == _shard_bytes(fresh) != before
+
+
+def test_an_empty_corpus_is_a_warning(tmp_path, hf_tokenizer, caplog):
+    """No documents is not silent: a warning names the inputs and the manifest (training
+    refuses such a corpus: tests/test_loader.py)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = str(tmp_path / "o" / "t")
+    with caplog.at_level("WARNING", logger="megatron_vlm"):
+        summary = preprocess_text([str(empty)], hf_tokenizer, out, progress=False)
+    assert summary.documents == 0 and summary.shards == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(empty) in warned[0] and "hold no documents" in warned[0]
+    assert text_manifest_path(out) in warned[0]
+
+
 def test_worker_pool_gives_same_bytes(tmp_path, hf_tokenizer):
     src = _write_jsonl(tmp_path / "c.jsonl", _docs(30))
     preprocess_text([src], hf_tokenizer, str(tmp_path / "one" / "t"), docs_per_shard=7,

@@ -11,7 +11,9 @@ the embeddings by the same relative paths), and preprocess_summary.json.
 Token layout: [system prompt][SEP] then [question][SEP][response][SEP] for every turn; the
 image (if any) and a final EOS are added when samples are built (megatron_vlm.data.samples).
 Malformed records, missing images and colliding ids are skipped and listed, up to --max-skips.
-An interrupted run resumes after the last finished shard.
+An interrupted run resumes after the last finished shard; a rerun after the JSON changed (its
+sha256 is stored with the shards) or with other settings stops with an error. A JSON that yields
+no conversations is a warning (training refuses such a directory).
 """
 
 from megatron_vlm.logs import configure_logging

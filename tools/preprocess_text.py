@@ -4,7 +4,10 @@
 Writes PREFIX_00000.bin/.idx, PREFIX_00001.bin/.idx, ... (int32 tokens, one megatron document
 per input document, EOS appended after every document, no BOS) and PREFIX.manifest.json.
 An interrupted run resumes: shards whose files match the manifest's checksums are kept, the
-rest are rewritten byte for byte as an uninterrupted run would write them.
+rest are rewritten byte for byte as an uninterrupted run would write them. The manifest also
+holds each input's size and sha256: a rerun after an input changed (even at the same size), or
+with other settings, stops with an error naming what changed unless --overwrite. Inputs that
+hold no documents are a warning (training refuses such a corpus).
 """
 
 from megatron_vlm.logs import configure_logging
@@ -40,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=512, metavar="N",
                    help="documents per tokenizer call (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete the shards of an earlier run at this prefix and start over")
+                   help="delete the shards of an earlier run at this prefix and start over (needed "
+                        "after an input or a setting changed)")
     add_progress_arg(p)
     return p.parse_args(argv)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from typing import Optional
 from megatron_vlm.data.instruction_shards import InstructionDataset, InstructionShardWriter
 from megatron_vlm.data.samples import ConversationError, resolve_separator, tokenize_llava_record
 from megatron_vlm.data.tokenizer import load_tokenizer
-from megatron_vlm.fsutil import write_json_atomic
+from megatron_vlm.fsutil import sha256_file, write_json_atomic
 
+logger = logging.getLogger("megatron_vlm")
 LLAVA_TOOL = "preprocess_llava"
 IMAGES_LIST = "images.txt"
 SUMMARY_NAME = "preprocess_summary.json"
@@ -136,7 +138,10 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
     Resume: the records are cut into blocks of ``records_per_shard``; each block's
     conversations form one shard, finished atomically with the block's range, the settings
     and the cumulative counts stored in the index. A rerun with the same settings keeps the
-    finished shards and continues after the last one; different settings raise ValueError.
+    finished shards and continues after the last one; different settings, or an input JSON
+    whose content changed (its sha256 is among the settings), raise ValueError. No
+    conversations written (an empty list, or every record skipped) is logged as a warning;
+    training refuses such a directory (:mod:`megatron_vlm.data.loader`).
     ``stop_after_shards`` ends the run after writing that many shards (a test hook that
     simulates an interruption).
     """
@@ -153,18 +158,20 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
         raise FileNotFoundError(f"image folder not found: {image_root}")
     tokenizer = load_tokenizer(tokenizer_path, eos_token)
     separator_id = resolve_separator(tokenizer, separator_token)
-    with open(tokenizer.path, "rb") as f:
-        tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
+    tokenizer_sha = sha256_file(tokenizer.path)
+    with open(json_path, "rb") as f:
+        raw = f.read()
     try:
-        with open(json_path, encoding="utf-8") as f:
-            records = json.load(f)
+        records = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{json_path}: not valid JSON ({err})") from err
     if not isinstance(records, list):
         raise ValueError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
     keys = _record_keys(records)
-    settings = {"tool": LLAVA_TOOL, "input_bytes": os.path.getsize(json_path),
-                "records": len(records), "tokenizer_sha256": tokenizer_sha,
+    # The content hash, not only the size: an edit that keeps the length must not resume
+    # on shards of the old records.
+    settings = {"tool": LLAVA_TOOL, "input_bytes": len(raw),
+                "input_sha256": hashlib.sha256(raw).hexdigest(), "records": len(records), "tokenizer_sha256": tokenizer_sha,
                 "separator_token": separator_token, "separator_id": separator_id,
                 "system_prompt": system_prompt or "", "records_per_shard": int(records_per_shard)}
 
@@ -180,8 +187,10 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
                                  "(no settings stored); use another output directory")
             differing = [k for k in settings if old.get(k) != settings[k]]
             if differing:
-                raise ValueError(f"{output_dir}: existing shards were made with different settings "
-                                 f"({', '.join(differing)}); use another output directory")
+                what = ("the input JSON changed since they were written" if differing ==
+                        ["input_sha256"] else f"different settings ({', '.join(differing)})")
+                raise ValueError(f"{output_dir}: existing shards were made from {json_path} with "
+                                 f"{what}; use another output directory")
             start = max(start, int(meta["end_record"]))
             summary.restore(meta["counts"])
         summary.shards_reused = len(writer.finished_shards())
@@ -257,4 +266,8 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
     summary.seconds = time.perf_counter() - t0
     write_json_atomic(os.path.join(output_dir, SUMMARY_NAME),
                       {k: v for k, v in summary.__dict__.items()})
+    if summary.written == 0 and not summary.stopped_early:
+        logger.warning("%s: %s holds no usable conversations (%d records, %d skipped): %s has "
+                       "no shards and training on it will be refused", LLAVA_TOOL, json_path,
+                       summary.records, sum(summary.skipped.values()), output_dir)
     return summary

@@ -23,6 +23,10 @@ resized (each directory's recorded mode) and normalized in the loader's workers
 (:mod:`megatron_vlm.data.online_images`) and batches carry ``images`` [k, 3, S, S] for the
 encoder to run on. Either kind gives the same blend index: a caption sequence counts the same
 positions whatever holds its image. Any other combination stops at start with one error.
+
+A source that holds nothing to train on (a corpus without documents or whose preprocessing did
+not finish, an image directory or instruction directory without records, instructions whose
+images are all missing) stops at start with one error naming its config key and path.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class DataSources:
     def __init__(self, data_cfg, seq_length: int, num_image_tokens: int, embed_dim: int,
                  vocab_size: int, encoder=None):
         from megatron_vlm.data.instruction_shards import InstructionDataset
-        from megatron_vlm.data.text_shards import text_shard_prefixes
+        from megatron_vlm.data.text_shards import training_text_prefixes
         from megatron_vlm.data.text_windows import PackedTextWindows
         from megatron_vlm.data.tokenizer import load_tokenizer
 
@@ -90,17 +94,22 @@ class DataSources:
             from megatron_vlm.data.online_images import OnlineImageDecoder
 
             self.images = OnlineImageDecoder(encoder)
+        self.text_prefixes: list[str] = []
+        if "text" in self.names or self.fill_text:
+            self.text_prefixes = training_text_prefixes(data_cfg.text, "data.text")
         if "text" in self.names:
-            self.text = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
-                                          seed=data_cfg.seed)
+            self.text = PackedTextWindows(self.text_prefixes, seq_length, seed=data_cfg.seed)
         if self.fill_text:
             # Its own document order (another seed), so filler is not the text source's windows.
-            self.filler = PackedTextWindows(text_shard_prefixes(data_cfg.text), seq_length,
+            self.filler = PackedTextWindows(self.text_prefixes, seq_length,
                                             seed=data_cfg.seed + 7919)
         if "captions" in self.names:
             self.captions = self._open_images("data.captions", data_cfg.captions, embed_dim)
+            _refuse_empty("data.captions", data_cfg.captions, len(self.captions), "image records")
         if "instructions" in self.names:
             self.instructions = InstructionDataset(data_cfg.instructions)
+            _refuse_empty("data.instructions", data_cfg.instructions, len(self.instructions),
+                          "conversations (tools/preprocess_llava.py wrote none)")
             self.instruction_images = self._open_images("data.instruction_images",
                                                         data_cfg.instruction_images, embed_dim)
             self.instruction_rows = self._usable_instruction_rows()
@@ -161,16 +170,18 @@ class DataSources:
             logger.warning("data: skipping %d conversations whose image is not in "
                            "data.instruction_images", len(missing))
         gone = set(missing)
-        return np.array([i for i in range(len(self.instructions))
+        rows = np.array([i for i in range(len(self.instructions))
                          if self.instructions.key(i) not in gone], dtype=np.int64)
+        _refuse_empty("data.instructions", self.cfg.instructions, rows.size,
+                      f"conversations whose image is in data.instruction_images="
+                      f"{self.cfg.instruction_images}")
+        return rows
 
     def blend_sources(self) -> list[BlendSource]:
         """Per source: sequence count and the positions, loss tokens and image positions of
         every sequence, as the blend index counts them."""
-        from megatron_vlm.data.text_shards import text_shard_prefixes
-
         common = dict(n_img=self.n_img, eos_id=self.eos_id)
-        kinds = {"text": ("text", text_shard_prefixes(self.cfg.text)),
+        kinds = {"text": ("text", self.text_prefixes),
                  "captions": ("caption", self.cfg.captions),
                  "instructions": ("instruction", self.cfg.instructions)}
         out = []
@@ -225,6 +236,14 @@ class DataSources:
         stores = {"captions": self.captions, "instructions": self.instruction_images}
         requests = [(stores[s.source], s.image_key) for s in samples if s.has_image]
         return self.images.decode(requests) if requests else None
+
+
+def _refuse_empty(key: str, path: str, count: int, what: str) -> None:
+    """ValueError naming config key ``key`` and ``path`` when the source has nothing to train
+    on: said here, when the data is opened, not later by a blend or sampling internal."""
+    if count == 0:
+        raise ValueError(f"{key}={path} holds no {what}: nothing to train on; check its "
+                         f"preprocessing summary, or drop {key.split('.')[-1]} from data.ratios")
 
 
 def build_index(sources: DataSources, cfg) -> BlendIndex:

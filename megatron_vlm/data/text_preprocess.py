@@ -18,6 +18,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import os
 import time
 from collections import deque
@@ -34,6 +35,8 @@ from megatron_vlm.data.text_shards import (
     text_manifest_path,
 )
 from megatron_vlm.fsutil import TMP_SUFFIX, sha256_file, write_json_atomic
+
+logger = logging.getLogger("megatron_vlm")
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
@@ -212,6 +215,30 @@ def _shard_ok(base: str, entry: dict) -> bool:
     return True
 
 
+def _input_changes(old: list, new: list) -> list[str]:
+    """What differs between the inputs a manifest recorded and the current ones, one phrase
+    per input (empty when they are the same)."""
+    old_by_path = {e.get("path"): e for e in old}
+    new_paths = [e["path"] for e in new]
+    changes = [f"{e['path']} is new" for e in new if e["path"] not in old_by_path]
+    changes += [f"{p} is no longer an input" for p in old_by_path if p not in new_paths]
+    for e in new:
+        was = old_by_path.get(e["path"])
+        if was is None:
+            continue
+        if was.get("bytes") != e["bytes"]:
+            changes.append(f"{e['path']} changed ({was.get('bytes')} -> {e['bytes']} bytes)")
+        elif was.get("sha256") != e["sha256"]:
+            # The case a size check alone misses: an edit that kept the file's length.
+            changes.append(f"{e['path']} changed (same size, different content)"
+                           if was.get("sha256") else
+                           f"{e['path']} has no content hash in the manifest (written by an "
+                           f"older version)")
+    if not changes and [e.get("path") for e in old] != new_paths:
+        changes.append("the inputs are in another order")
+    return changes
+
+
 def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: str,
                     docs_per_shard: int = 100_000, field: str = "text", workers: int = 1,
                     max_skips: int = 0, eos_token: Optional[str] = None,
@@ -226,11 +253,16 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
     UTF-8, missing or non-string field, null parquet value) are skipped and listed up to
     ``max_skips``; one more raises ValueError naming the record and field.
 
-    Resume: ``PREFIX.manifest.json`` records the settings and, per finished shard, its files'
-    sizes and sha256. A rerun with the same settings re-reads the inputs but skips tokenizing
-    and writing every shard whose files are present and match; other shards are (re)written,
-    byte-identical to an uninterrupted run. Different settings raise ValueError unless
-    ``overwrite``, which deletes the shards the manifest lists and starts over.
+    Resume: ``PREFIX.manifest.json`` records the settings (the inputs with their sizes and
+    sha256, so an input edited in place is noticed even when its size is unchanged) and, per
+    finished shard, its files' sizes and sha256. A rerun with the same settings re-reads the
+    inputs but skips tokenizing and writing every shard whose files are present and match;
+    other shards are (re)written, byte-identical to an uninterrupted run. Different settings or
+    changed inputs raise ValueError naming them unless ``overwrite``, which deletes the shards
+    the manifest lists and starts over.
+
+    No documents at all (empty inputs, or every record skipped) is logged as a warning; the
+    manifest then lists no shards and training refuses it (:mod:`megatron_vlm.data.loader`).
     ``stop_after_shards`` ends the run after writing that many shards (a test hook that
     simulates an interruption).
     """
@@ -256,17 +288,26 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
         "tokenizer_sha256": sha256_file(tokenizer.path), "eos_id": tokenizer.eos_id,
         "vocab_size": tokenizer.vocab_size, "dtype": "int32", "field": field,
         "docs_per_shard": int(docs_per_shard),
-        "inputs": [{"path": os.path.realpath(p), "bytes": os.path.getsize(p)} for p in files],
+        # Hashing reads every input once more; tokenizing them costs far more than that.
+        "inputs": [{"path": os.path.realpath(p), "bytes": os.path.getsize(p),
+                    "sha256": sha256_file(p)} for p in files],
     }
     manifest_path = text_manifest_path(output_prefix)
     manifest = {**settings, "shards": {}, "complete": False}
     if os.path.isfile(manifest_path):
         old = read_json(manifest_path)
-        differing = [k for k in settings if old.get(k) != settings[k]]
+        differing = [k for k in settings if k != "inputs" and old.get(k) != settings[k]]
+        changed_inputs = _input_changes(old.get("inputs", []), settings["inputs"])
         if differing and not overwrite:
             raise ValueError(
                 f"{manifest_path}: existing shards were made with different settings "
-                f"({', '.join(differing)}); use another --output-prefix, or --overwrite")
+                f"({', '.join(differing + (['inputs'] if changed_inputs else []))}); "
+                f"use another --output-prefix, or --overwrite")
+        if changed_inputs and not overwrite:
+            raise ValueError(
+                f"{manifest_path}: the inputs changed since the existing shards were written "
+                f"({'; '.join(changed_inputs)}); use another --output-prefix, or --overwrite "
+                f"to rebuild")
         if overwrite:
             for entry in old.get("shards", {}).values():
                 for desc in entry["files"].values():
@@ -403,4 +444,10 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
                            "skipped": summary.skipped, "skipped_records": summary.skipped_records,
                            "shards": summary.shards}
     write_json_atomic(manifest_path, manifest)
+    if doc == 0 and not stop:
+        named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        logger.warning("preprocess_text: the inputs (%s) hold no documents%s: %s lists no shards "
+                       "and training on it will be refused", named,
+                       f" ({summary.skipped} records skipped as malformed)" if summary.skipped
+                       else "", manifest_path)
     return summary

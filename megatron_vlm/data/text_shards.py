@@ -5,7 +5,8 @@ megatron document per corpus document; layout: docs/data.md), written with megat
 builder (:class:`TextShardWriter`, :func:`write_text_dataset`) and read with its
 ``IndexedDataset`` (:func:`open_text_dataset`). :func:`preprocess_text` in
 :mod:`megatron_vlm.data.text_preprocess` writes a corpus as shards ``PREFIX_00000`` ... with a
-manifest; :func:`text_manifest_path` and :func:`text_shard_prefixes` say where they are.
+manifest; :func:`text_manifest_path` and :func:`text_shard_prefixes` say where they are, and
+:func:`training_text_prefixes` checks that the corpus is finished and not empty.
 :class:`megatron_vlm.data.text_windows.PackedTextWindows` cuts them into training windows.
 
 Crash safety: the files are written under ``.tmp`` names, fsync'd and renamed into place by
@@ -167,12 +168,39 @@ def text_manifest_path(output_prefix: str) -> str:
     return output_prefix + ".manifest.json"
 
 
-def text_shard_prefixes(output_prefix: str) -> list[str]:
-    """The shard prefixes (``PREFIX_00000`` ...) that :func:`preprocess_text` finished."""
+def _read_text_manifest(output_prefix: str) -> dict:
     path = text_manifest_path(output_prefix)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no text manifest {path} (run tools/preprocess_text.py first)")
-    manifest = read_json(path)
+    return read_json(path)
+
+
+def _prefixes(output_prefix: str, manifest: dict) -> list[str]:
     base = os.path.dirname(output_prefix)
     return [os.path.join(base, manifest["shards"][k]["prefix"])
             for k in sorted(manifest["shards"], key=int)]
+
+
+def text_shard_prefixes(output_prefix: str) -> list[str]:
+    """The shard prefixes (``PREFIX_00000`` ...) that :func:`preprocess_text` finished."""
+    return _prefixes(output_prefix, _read_text_manifest(output_prefix))
+
+
+def training_text_prefixes(output_prefix: str, key: str = "data.text") -> list[str]:
+    """The shard prefixes of a corpus to train on (config key ``key``): the manifest must say
+    :func:`preprocess_text` finished (an interrupted run holds only part of the corpus) and
+    that it found documents. Either failure is one ValueError naming ``key`` and the manifest,
+    here at data opening rather than later inside the window builder."""
+    manifest = _read_text_manifest(output_prefix)
+    path = text_manifest_path(output_prefix)
+    if not manifest.get("complete"):
+        raise ValueError(f"{key}={output_prefix}: {path} is from a preprocessing run that did "
+                         f"not finish ({len(manifest.get('shards', {}))} shards so far); run "
+                         f"tools/preprocess_text.py again with the same arguments to finish it")
+    if not manifest.get("shards"):
+        summary = manifest.get("summary", {})
+        raise ValueError(f"{key}={output_prefix}: the corpus holds no documents ({path} lists "
+                         f"no shards; tools/preprocess_text.py found {summary.get('documents', 0)} "
+                         f"documents and skipped {summary.get('skipped', 0)} records in its "
+                         f"inputs)")
+    return _prefixes(output_prefix, manifest)
