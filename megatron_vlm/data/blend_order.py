@@ -1,0 +1,327 @@
+"""The blend's merge order as a function: the sources' position after any number of slots.
+
+Every source is an endless stream of its sequences, epoch after epoch, each epoch a keyed
+permutation (megatron_vlm/data/permutation.py). A merge-tree node merges its children's streams by
+ideal time: a child's sequence whose doubled midpoint (tokens before it in the child's stream,
+times two, plus its own tokens) is ``m`` gets the key ``m / (2 h)``, ``h`` the child's fraction
+of the node; ties go to the earlier child. docs/blend.md proves the ratio bound for this order.
+
+Nothing here materialises the order. A *state* holds, per source, how many of its sequences a
+prefix of the order has used (an int64 array, one entry per source; a node reads the entries of
+its own sources). From a state, :meth:`BlendOrder.advance` merges the next ``K`` elements of any
+node (each child supplies at most ``K``). :meth:`BlendOrder.state_at` finds the state after any
+``p`` slots: the prefix of all elements with root key <= theta is, per child, the prefix whose
+doubled midpoints are <= an integer bound; for a source that bound is one search (a formula for
+constant-length sources, a binary search in one epoch's prefix sums otherwise), for an inner
+node it is the prefix of its own keys up to a slightly smaller threshold (the proved bound says
+how much smaller) followed by a short local merge. A few secant steps on theta land just before
+``p``; a local merge covers the rest. All of it is exact integer or float64 work that repeats
+the same divisions as the merge itself, so the state equals that of the materialised order.
+
+Variable-length sources need each epoch's prefix sums (one array the size of the source); a few
+epochs are cached, so reading the run in order computes each epoch once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from megatron_vlm.data.blend_sources import BlendSource
+from megatron_vlm.data.blend_trees import Tree, tree_leaves
+from megatron_vlm.data.permutation import KeyedPermutation, endless_order
+
+_EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs (permutation + prefix sums)
+_EPOCH_CACHE_ENTRIES = 64       # ... and at most this many of them (tiny sources, many epochs)
+_LANDING_GAP = 256              # state_at lands at most this many slots before the target
+
+
+class Leaf:
+    """One source's endless stream of sequences."""
+
+    def __init__(self, source: BlendSource, c: int, seed: int):
+        self.c = c
+        self.leaves = [c]
+        self.n = source.num_sequences
+        self.perm = KeyedPermutation(self.n, seed, source.name)
+        tps = source.tokens_per_sequence
+        self.constant: Optional[int] = tps if isinstance(tps, int) else None
+        self.tps = None if isinstance(tps, int) else tps
+        self.epoch_tokens = source.epoch_tokens
+        self.max_tokens = source.max_tokens
+        self.mean_tokens = source.mean_tokens
+        # Per epoch, the permutation and prefix sums of its first positions (grown on demand).
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__, _epochs=OrderedDict())
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def ids(self, j: np.ndarray) -> np.ndarray:
+        """Sample ids of stream positions ``j``."""
+        return endless_order(self.perm, j)
+
+    def epoch(self, e: int, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``e``'s permutation and prefix sums (variable lengths; ``[0]`` otherwise) over
+        at least its first ``upto`` positions. Reading an epoch from its start costs only what
+        is read; the grown arrays of a few epochs are cached."""
+        with self._lock:
+            perm, prefix = self._epochs.get(e, (np.zeros(0, np.int32), np.zeros(1, np.int64)))
+            if e in self._epochs:
+                self._epochs.move_to_end(e)
+        have = perm.shape[0]
+        if have >= upto:
+            return perm, prefix
+        # Grow geometrically so that reading an epoch position by position stays linear.
+        grow = min(self.n, max(upto, 2 * have, 1 << 16))
+        new = self.perm(np.arange(have, grow, dtype=np.int64), e)
+        perm = np.concatenate([perm, new.astype(perm.dtype if self.n < 2**31 else np.int64)])
+        if self.tps is not None:
+            more = np.cumsum(self.tps[new], dtype=np.int64)
+            more += prefix[-1]
+            prefix = np.concatenate([prefix, more])
+        with self._lock:
+            self._epochs[e] = (perm, prefix)
+            self._epochs.move_to_end(e)
+            size = sum(p.nbytes + s.nbytes for p, s in self._epochs.values())
+            while len(self._epochs) > 1 and (size > _EPOCH_CACHE_BYTES
+                                             or len(self._epochs) > _EPOCH_CACHE_ENTRIES):
+                _, (p, s) = self._epochs.popitem(last=False)
+                size -= p.nbytes + s.nbytes
+        return perm, prefix
+
+    def read(self, j0: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, sample ids) of stream positions ``j0 .. j0 + count - 1``; ids are -1 for a
+        constant-length source (computed only where needed, by :meth:`ids`)."""
+        if self.constant is not None:
+            return (np.full(count, self.constant, dtype=np.int64),
+                    np.full(count, -1, dtype=np.int64))
+        tokens, ids = np.empty(count, np.int64), np.empty(count, np.int64)
+        done = 0
+        while done < count:
+            e, r = divmod(j0 + done, self.n)
+            take = min(count - done, self.n - r)
+            perm, prefix = self.epoch(e, r + take)
+            np.subtract(prefix[r + 1:r + take + 1], prefix[r:r + take],
+                        out=tokens[done:done + take])
+            ids[done:done + take] = perm[r:r + take]
+            done += take
+        return tokens, ids
+
+    def before(self, j: int) -> int:
+        """Tokens of the stream's first ``j`` sequences."""
+        if self.constant is not None:
+            return j * self.constant
+        e, r = divmod(j, self.n)
+        return e * self.epoch_tokens + int(self.epoch(e, r)[1][r])
+
+    def count_mid2(self, y: int) -> int:
+        """How many sequences have a doubled midpoint ``2 * before(j) + tokens(j) <= y``."""
+        if y <= 0:
+            return 0
+        if self.constant is not None:
+            return (y // self.constant + 1) // 2          # (2j + 1) t <= y
+        # Doubled midpoints of epoch e lie strictly between 2 e E and 2 (e + 1) E.
+        e, z = divmod(y, 2 * self.epoch_tokens)
+        upto = min(self.n, int(z / (2 * self.mean_tokens) * 1.05) + 1024)
+        while True:
+            prefix = self.epoch(e, upto)[1]
+            have = prefix.shape[0] - 1
+            # Enough is read once the last sequence read ends beyond z / 2.
+            if have == self.n or 2 * int(prefix[have]) > z:
+                break
+            upto = min(self.n, 2 * have)
+        # 2 P[r] < midpoint(r) < 2 P[r + 1]: every r with 2 P[r + 1] <= z counts, then maybe one.
+        a = int(np.searchsorted(prefix[1:], z // 2, side="right"))
+        if a < have and int(prefix[a]) + int(prefix[a + 1]) <= z:
+            a += 1
+        return e * self.n + a
+
+
+class Node:
+    """An inner node of the merge tree: children and their fractions of the node."""
+
+    def __init__(self, children: list[Union["Node", Leaf]], h: Sequence[float]):
+        self.children = children
+        self.denominators = [2.0 * float(x) for x in h]   # key = doubled midpoint / (2 h)
+        self.leaves = [c for ch in children for c in ch.leaves]
+        self.max_tokens = max(ch.max_tokens for ch in children)
+        # |tokens of a prefix - key of its last element| <= sum of the children's M / 2.
+        self.spread = sum(ch.max_tokens for ch in children) / 2.0
+        per_token = [float(x) / ch.mean_tokens for x, ch in zip(h, children)]
+        self.mean_tokens = 1.0 / sum(per_token)
+        # The share of the node's sequences each child supplies, on average.
+        self.shares = [x * self.mean_tokens for x in per_token]
+
+
+def _y_max(theta: float, denominator: float) -> int:
+    """The largest integer y with ``y / denominator <= theta`` (-1 when none >= 0 is)."""
+    if theta < 0:
+        return -1
+    y = math.floor(theta * denominator)
+    while (y + 1) / denominator <= theta:
+        y += 1
+    while y >= 0 and y / denominator > theta:
+        y -= 1
+    return y
+
+
+Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]   # sources, positions, tokens, ids
+
+
+class BlendOrder:
+    """The merge order of ``sources`` along ``tree`` with normalized ``fractions``."""
+
+    def __init__(self, sources: Sequence[BlendSource], fractions: np.ndarray, tree: Tree,
+                 seed: int):
+        self.leaves = [Leaf(s, c, seed) for c, s in enumerate(sources)]
+        self.k = len(self.leaves)
+        self.fractions = np.asarray(fractions, dtype=np.float64)
+        self.root = self._node(tree)
+        # Sequences per token of root key, to aim the search for a slot.
+        self.slope = float(sum(f / lf.mean_tokens for f, lf in zip(self.fractions, self.leaves)))
+
+    def _node(self, tree: Tree) -> Union[Node, Leaf]:
+        if isinstance(tree, int):
+            return self.leaves[tree]
+        g = np.array([sum(self.fractions[i] for i in tree_leaves(ch)) for ch in tree])
+        return Node([self._node(ch) for ch in tree], g / g.sum())
+
+    def tokens_at(self, node: Union[Node, Leaf], state: np.ndarray) -> int:
+        return sum(self.leaves[c].before(int(state[c])) for c in node.leaves)
+
+    # ------------------------------------------------------------------ local merge
+
+    def advance(self, node: Union[Node, Leaf], state: np.ndarray, count: int) -> Part:
+        """The next ``count`` elements of ``node``'s stream after ``state``: per element its
+        source, its position in that source's stream, its tokens and its sample id (-1 where
+        the source has constant lengths; see :meth:`fill_ids`)."""
+        if isinstance(node, Leaf):
+            j0 = int(state[node.c])
+            tokens, ids = node.read(j0, count)
+            return (np.full(count, node.c, dtype=np.int8),
+                    j0 + np.arange(count, dtype=np.int64), tokens, ids)
+        # Each child supplies at most ``count``; ask for its expected share with a margin and
+        # ask again for more when all of it was used (the child's next element might belong).
+        asked = [min(count, int(count * share * 1.25) + 16) for share in node.shares]
+        bases = [2 * self.tokens_at(ch, state) for ch in node.children]
+        while True:
+            parts = [self.advance(ch, state, m) for ch, m in zip(node.children, asked)]
+            keys = []
+            for base, den, (_, _, tok, _) in zip(bases, node.denominators, parts):
+                mid2 = np.cumsum(tok)
+                mid2 *= 2
+                mid2 -= tok
+                mid2 += base
+                keys.append(mid2.astype(np.float64) / den)
+            order = np.argsort(np.concatenate(keys), kind="stable")[:count]
+            used = np.bincount(np.searchsorted(np.cumsum(asked), order, side="right"),
+                               minlength=len(asked))
+            short = [i for i, m in enumerate(asked) if m < count and used[i] == m]
+            if not short:
+                break
+            for i in short:
+                asked[i] = min(count, 2 * asked[i])
+        return tuple(np.concatenate([p[i] for p in parts])[order] for i in range(4))
+
+    # ------------------------------------------------------------------ states by threshold
+
+    def _state_mid2(self, node: Union[Node, Leaf], y: int, state: np.ndarray) -> None:
+        """Set ``state`` for ``node``'s sources to the prefix of ``node``'s stream whose
+        doubled midpoints are ``<= y``."""
+        if isinstance(node, Leaf):
+            state[node.c] = node.count_mid2(y)
+            return
+        state[node.leaves] = 0
+        tokens = 0
+        if y > 0:
+            # Elements whose own key is below y/2 - spread end before y/2 (the node's bound).
+            margin = node.spread + node.max_tokens + 1.0
+            while y / 2 - margin >= 0:
+                self._state_key(node, y / 2 - margin, state)
+                tokens = self.tokens_at(node, state)
+                if 2 * tokens <= y:     # the last element taken has a midpoint below y / 2
+                    break
+                margin *= 2
+            else:
+                state[node.leaves] = 0
+                tokens = 0
+        count = 16
+        while True:
+            labels, _, tok, _ = self.advance(node, state, count)
+            mid2 = np.cumsum(tok)
+            mid2 *= 2
+            mid2 -= tok
+            mid2 += 2 * tokens
+            take = int(np.searchsorted(mid2, y, side="right"))
+            if take < count:
+                break
+            count *= 4
+        state += np.bincount(labels[:take], minlength=self.k)
+
+    def _state_key(self, node: Node, theta: float, state: np.ndarray) -> None:
+        """Set ``state`` for ``node``'s sources to every element with node key ``<= theta``."""
+        for ch, den in zip(node.children, node.denominators):
+            self._state_mid2(ch, _y_max(theta, den), state)
+
+    def state_at(self, p: int) -> tuple[np.ndarray, int]:
+        """A state of at most ``p`` slots, at most _LANDING_GAP before ``p``, and its size."""
+        state = np.zeros(self.k, dtype=np.int64)
+        if p == 0:
+            return state, 0
+        if isinstance(self.root, Leaf):
+            state[self.root.c] = p
+            return state, p
+        aim = p - _LANDING_GAP // 2
+        low = high = None
+        theta = max(0.0, aim / self.slope)
+        for _ in range(200):
+            state[:] = 0
+            self._state_key(self.root, theta, state)
+            got = int(state.sum())
+            if got <= p:
+                if p - got <= _LANDING_GAP:
+                    return state, got
+                low = theta
+            else:
+                high = theta
+            step = theta + (aim - got) / self.slope
+            if low is not None and high is not None and not low < step < high:
+                step = (low + high) / 2
+            theta = max(0.0, step)
+        raise RuntimeError(f"blend order: no state found for slot {p}; this is a bug")
+
+    def run(self, p: int, count: int) -> tuple[np.ndarray, Part]:
+        """The state after ``p`` slots and the ``count`` elements that follow."""
+        state, got = self.state_at(p)
+        part = self.advance(self.root, state, p - got + count)
+        skip = p - got
+        state += np.bincount(part[0][:skip], minlength=self.k)
+        return state, tuple(x[skip:] for x in part)
+
+    def fill_ids(self, part: Part) -> np.ndarray:
+        """Sample ids of a part, computing those of constant-length sources."""
+        labels, j, _, ids = part
+        ids = ids.copy()
+        # Variable-length sources carry their ids already; constant-length ones get them here.
+        for c, leaf in enumerate(self.leaves):
+            if leaf.constant is not None:
+                mask = labels == c
+                if mask.any():
+                    ids[mask] = leaf.ids(j[mask])
+        return ids
+
+    def source_tokens(self, state: np.ndarray) -> np.ndarray:
+        """Tokens per source of the prefix ``state``."""
+        return np.array([lf.before(int(state[c])) for c, lf in enumerate(self.leaves)],
+                        dtype=np.int64)
