@@ -17,11 +17,9 @@ from megatron_vlm.data.blend import (BlendSource, build_blend_index, choose_merg
 REPO = Path(__file__).resolve().parent.parent
 
 
-def slot_tokens(index, sources) -> np.ndarray:
-    """Positions of every slot, recomputed from the index and the sources (not the index's own
+def slot_tokens(sid, smp, sources) -> np.ndarray:
+    """Positions of every slot, recomputed from the order and the sources (not the index's own
     bookkeeping)."""
-    sid = np.asarray(index.source_ids)
-    smp = np.asarray(index.sample_ids)
     tok = np.zeros(sid.shape[0], dtype=np.int64)
     for c, s in enumerate(sources):
         mask = sid == c
@@ -35,13 +33,20 @@ def check_index(index, sources, fractions, seq_length, batch, budget=None):
     names = [s.name for s in sources]
     f = np.array([fractions[n] for n in names], dtype=np.float64)
     f /= f.sum()
+    # The whole order read at once ...
     sid = np.asarray(index.source_ids)
     smp = np.asarray(index.sample_ids)
+    # ... is the order as the loader sees it: global batches fetched on their own, in shuffled
+    # order (each found by search, not continued from the one before; at most 300 of them).
+    nb = index.num_batches
+    for i in np.random.default_rng(nb).permutation(nb)[:300]:
+        s, m = index.batch(int(i))
+        np.testing.assert_array_equal(s, sid[i * batch:(i + 1) * batch])
+        np.testing.assert_array_equal(m, smp[i * batch:(i + 1) * batch])
     n = sid.shape[0]
-    assert n % batch == 0 and n == index.num_sequences and index.num_batches == n // batch
+    assert n % batch == 0 and n == index.num_sequences and nb == n // batch
     assert sid.min() >= 0 and sid.max() < len(sources)
-    tok = slot_tokens(index, sources)
-    nb = n // batch
+    tok = slot_tokens(sid, smp, sources)
     cum = np.zeros((nb + 1, len(sources)), dtype=np.int64)
     for c in range(len(sources)):
         cum[1:, c] = np.cumsum(np.where(sid == c, tok, 0).reshape(nb, batch).sum(axis=1))

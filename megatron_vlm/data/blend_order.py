@@ -56,10 +56,11 @@ class Leaf:
         self.mean_tokens = source.mean_tokens
         # Per epoch, the permutation and prefix sums of its first positions (grown on demand).
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        state = dict(self.__dict__, _epochs=OrderedDict())
+        state = dict(self.__dict__, _epochs=OrderedDict(), _cached_bytes=0)
         del state["_lock"]
         return state
 
@@ -91,13 +92,15 @@ class Leaf:
             more += prefix[-1]
             prefix = np.concatenate([prefix, more])
         with self._lock:
+            old = self._epochs.pop(e, None)
+            if old is not None:
+                self._cached_bytes -= old[0].nbytes + old[1].nbytes
             self._epochs[e] = (perm, prefix)
-            self._epochs.move_to_end(e)
-            size = sum(p.nbytes + s.nbytes for p, s in self._epochs.values())
-            while len(self._epochs) > 1 and (size > _EPOCH_CACHE_BYTES
+            self._cached_bytes += perm.nbytes + prefix.nbytes
+            while len(self._epochs) > 1 and (self._cached_bytes > _EPOCH_CACHE_BYTES
                                              or len(self._epochs) > _EPOCH_CACHE_ENTRIES):
                 _, (p, s) = self._epochs.popitem(last=False)
-                size -= p.nbytes + s.nbytes
+                self._cached_bytes -= p.nbytes + s.nbytes
         return perm, prefix
 
     def read(self, j0: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +109,10 @@ class Leaf:
         if self.constant is not None:
             return (np.full(count, self.constant, dtype=np.int64),
                     np.full(count, -1, dtype=np.int64))
+        if count > self.n:
+            # Several epochs at once: permute every position with its own epoch's keys.
+            ids = self.ids(j0 + np.arange(count, dtype=np.int64))
+            return self.tps[ids].astype(np.int64), ids
         tokens, ids = np.empty(count, np.int64), np.empty(count, np.int64)
         done = 0
         while done < count:

@@ -1,0 +1,96 @@
+"""The blend index as a function: any global batch alone equals reading the whole order, runs of
+the paper's size build in moments, and every fetched boundary is checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import megatron_vlm.data.blend as blend
+from megatron_vlm.data.blend import BlendSource, build_blend_index
+
+
+def nested_blend():
+    """Four sources (a nested merge tree), lengths from 1 to 64, one source of 3 sequences."""
+    rng = np.random.default_rng(4)
+    sources = [BlendSource("text", 1_000, 64),
+               BlendSource("cap", 257, rng.integers(1, 65, 257)),
+               BlendSource("ins", 3, np.array([5, 64, 17])),
+               BlendSource("short", 50, rng.integers(1, 4, 50))]
+    return sources, {"text": 0.55, "cap": 0.2, "ins": 0.15, "short": 0.1}
+
+
+def test_the_state_after_every_slot_equals_the_materialised_order(monkeypatch):
+    monkeypatch.setattr(blend, "_SWEEP_CHUNK", 96)           # sweep chunks end mid-batch-run
+    sources, fr = nested_blend()
+    index = build_blend_index(sources, fr, 100_000, 64, 12, seed=9)
+    assert index.summary()["merge_tree"].count("(") >= 2     # a nested tree
+    labels = np.asarray(index.source_ids)
+    counts = np.zeros((labels.shape[0] + 1, 4), dtype=np.int64)
+    for c in range(4):
+        counts[1:, c] = np.cumsum(labels == c)
+    n = labels.shape[0]
+    slots = np.concatenate([np.arange(150), np.random.default_rng(1).integers(150, n - 3, 100),
+                            np.arange(n - 3, n + 1)])         # slots, not only batch boundaries
+    for p in slots:
+        state, part = index.order.run(int(p), min(3, n - p))
+        np.testing.assert_array_equal(state, counts[p], err_msg=f"slot {p}")
+        np.testing.assert_array_equal(part[0], labels[p:p + 3])
+
+
+def test_any_global_batch_alone_equals_reading_in_order():
+    sources, fr = nested_blend()
+    index = build_blend_index(sources, fr, 150_000, 64, 12, seed=2)
+    sid, smp = np.asarray(index.source_ids), np.asarray(index.sample_ids)
+    B = index.global_batch_size
+    fresh = build_blend_index(sources, fr, 150_000, 64, 12, seed=2)
+    for n, i in enumerate(np.random.default_rng(0).permutation(index.num_batches)[:150]):
+        s, m = (fresh if n % 2 else index).batch(int(i))      # never the batch after the last
+        np.testing.assert_array_equal(s, sid[i * B:(i + 1) * B])
+        np.testing.assert_array_equal(m, smp[i * B:(i + 1) * B])
+
+
+def test_large_runs_check_the_last_boundaries_at_build_and_every_batch_when_fetched(monkeypatch):
+    monkeypatch.setattr(blend, "_CHECK_ALL_MAX_SEQUENCES", 1_000)
+    sources, fr = nested_blend()
+    index = build_blend_index(sources, fr, 400_000, 64, 16, seed=1)
+    s = index.summary()
+    assert index.num_sequences > 1_000
+    assert s["boundaries_checked_at_build"] == blend._CHECK_LAST_BATCHES + 1
+    assert s["boundaries"] == index.num_batches + 1
+    full = index.verify()                                     # every boundary, on request
+    assert float(full["max_abs_error_tokens"].max()) <= 64
+    index.batch(5)
+    index.bounds = index.bounds * 0                           # a bound no real order meets
+    with pytest.raises(RuntimeError, match="beyond the proved bound"):
+        index.batch(7)
+    with pytest.raises(RuntimeError, match="beyond the proved bound"):
+        index.verify()
+
+
+def test_the_papers_text_run_and_a_caption_blend_at_full_scale():
+    """4.3T tokens at sequence 2048 (2.1 billion sequences): text only, and with 10% captions
+    of variable length (a smaller caption source than the benchmark's, to stay quick)."""
+    L, B, total = 2048, 1024, 4_300_000_000_000
+    text = BlendSource("text", 2_100_000_000, L)
+    only = build_blend_index([text], {"text": 1.0}, total, L, B)
+    assert only.num_batches == -(-total // (L * B))
+    assert only.summary()["max_abs_error_tokens"] == 0
+    s, m = only.batch(2_000_000)
+    assert (s == 0).all() and np.unique(m).shape[0] == B
+
+    rng = np.random.default_rng(0)
+    caption = BlendSource("caption", 200_003, (731 + rng.integers(3, 200, 200_003)).astype(np.int32))
+    fr = {"text": 0.9, "caption": 0.1}
+    index = build_blend_index([text, caption], fr, total, L, B)
+    summary = index.summary()
+    assert summary["total_tokens"] >= total and summary["max_abs_error_sequences"] < 1
+    assert summary["sources"][1]["epochs"] > 2_000
+    i = index.num_batches - 3
+    alone = index.batch(i)                                    # found by search
+    again = build_blend_index([text, caption], fr, total, L, B)
+    again.batch(i - 1)
+    in_order = again.batch(i)                                 # reached by reading on
+    np.testing.assert_array_equal(alone[0], in_order[0])
+    np.testing.assert_array_equal(alone[1], in_order[1])
+    assert 0 < int((alone[0] == 1).sum()) < B
