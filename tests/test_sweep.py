@@ -489,6 +489,91 @@ def test_a_run_that_exits_0_without_its_result_fails(tmp_path, capsys, monkeypat
         rf"or incomplete; log: .*data\.log", err[0]), err
 
 
+def fake_spawn(spawned: list):
+    """LocalRunner._spawn that leaves each run's results as a real run would, at once."""
+
+    def spawn(self, run):
+        spawned.append(run.id)
+        if run.stage == "data":
+            run.creates.write_text("ready")
+        elif run.stage == "evaluate":
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            tasks = {t: {"kind": "vision", "settings": {"limit": run.limit},
+                         "metrics": {"accuracy": 0.5}} for t in run.tasks}
+            (run.run_dir / "results.json").write_text(json.dumps({
+                "checkpoint": {"path": str(run.final_checkpoint)}, "tasks": tasks,
+                "stable_score": {"vision": {"score": 0.1}}}))
+        else:
+            run.final_checkpoint.mkdir(parents=True, exist_ok=True)
+            (run.final_checkpoint / "common.json").write_text("{}")
+        return 0
+
+    return spawn
+
+
+def test_a_finished_run_with_other_settings_is_refused_or_rerun_when_asked(
+        tmp_path, capsys, monkeypatch):
+    """Editing a stage's YAML after its run finished must not skip the run silently: the
+    rerun stops naming the run and the setting (and the runs started from it), and
+    --rerun-changed moves exactly those aside and runs them again."""
+    from megatron_vlm.experiments.execute import LocalRunner
+    from megatron_vlm.experiments.stage_records import RECORD_NAME, write_record
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "image_text.yaml"
+    config.write_text((TINY / "image_text.yaml").read_text())
+    body = recipe_sweep(tmp_path, {"text_checkpoint": [80]},
+                        data={"command": "python -c pass", "creates": str(tmp_path / "ready")})
+    body["stages"]["image_text"]["config"] = str(config)
+    path = write_sweep(tmp_path, body)
+    spawned: list = []
+    monkeypatch.setattr(LocalRunner, "_spawn", fake_spawn(spawned))
+    tool = sweep_tool()
+    plan = build_plan(load_sweep(path))
+    ids = [run.id for run in plan.runs]
+    assert tool.main([str(path)]) == 0 and spawned == ids
+    image_text, finetune, evaluate = ids[2:]
+    assert (plan.run(image_text).run_dir / RECORD_NAME).is_file()
+    spawned.clear()
+    assert tool.main([str(path)]) == 0 and spawned == []  # unchanged: everything reused
+
+    config.write_text(config.read_text().replace("min_lr: 1e-5", "min_lr: 2e-5"))
+    capsys.readouterr()
+    with pytest.raises(ValueError) as err:
+        tool.main([str(path)])
+    message = str(err.value)
+    assert "\n" not in message and spawned == []
+    assert f"{image_text} (config.train.min_lr: 1e-05 -> 2e-05)" in message
+    assert f"{finetune} (it started from {image_text}, which runs again)" in message
+    assert f"{evaluate} (it started from {finetune}, which runs again)" in message
+    assert "text (" not in message and "--rerun-changed" in message
+    with pytest.raises(ValueError, match="min_lr"):  # the runner itself, as the quickstart uses it
+        LocalRunner(build_plan(load_sweep(path))).run()
+    assert spawned == []
+    assert tool.main([str(path), "--dry-run"]) == 0
+    assert "but it ran with other settings (config.train.min_lr" in capsys.readouterr().out
+
+    assert tool.main([str(path), "--rerun-changed"]) == 0
+    assert spawned == [image_text, finetune, evaluate]
+    assert len(list(plan.run(image_text).run_dir.parent.glob("ckpt80.replaced-*"))) == 1
+    spawned.clear()
+    assert tool.main([str(path)]) == 0 and spawned == []
+
+    # a run started from a run that completed again since is refused too
+    plan = build_plan(load_sweep(path))  # with the edited config
+    write_record(plan, plan.run("text"))
+    with pytest.raises(ValueError, match=rf"{image_text} \(text ran again since it finished\)"):
+        tool.main([str(path)])
+    # a finished run without a record (older sweeps, SLURM jobs) is reused with a note
+    (plan.run(evaluate).run_dir / RECORD_NAME).unlink()
+    write_record(plan, plan.run(image_text))
+    write_record(plan, plan.run(finetune))
+    capsys.readouterr()
+    assert tool.main([str(path)]) == 0 and spawned == []
+    assert f"note: 1 finished run(s) have no record of their settings ({evaluate}" in \
+        capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # A real sweep on ShapesWorld
 

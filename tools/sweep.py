@@ -17,6 +17,11 @@ finetune_vlm.py or tools/evaluate_vlm.py with the stage's YAML and key=value ove
 output goes to OUTPUT_ROOT/logs/<run>.log, the console gets one line per run (start, done or
 skipped, with seconds). Runs whose results exist are skipped and interrupted ones resume, so a
 rerun finishes what is left; a failed run stops the sweep with one line naming it and its log.
+Every run that completes records what it was run with (OUTPUT_ROOT/<stage>/<run>/sweep_stage.json:
+its whole resolved config, or its command). A finished run whose config the sweep now resolves
+differently (an edited stage YAML, override or axis), or that started from a run which ran again,
+stops the sweep before anything runs, with one line naming the runs and the changed settings;
+--rerun-changed moves their directories aside (<dir>.replaced-<time>) and runs them again.
 Ctrl-C or SIGTERM stops the running child and every process it started. At the end (and with
 --collect) every evaluation goes into OUTPUT_ROOT/results.csv and results.md, one row per grid
 point; tools/plot_results.py draws the paper's figures from the CSV. The sweep file format is in
@@ -57,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only the grid points with these values (repeatable; values as "
                              "in the grid or as run-name tags, e.g. projector=linear, "
                              "text_checkpoint=80); the table still covers the whole grid")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="finished runs whose settings changed since they ran (and the runs "
+                             "started from them) are moved aside to <dir>.replaced-<time> and run "
+                             "again; without it such runs stop the sweep with one line naming "
+                             "them and the changed settings")
     parser.add_argument("--json", action="store_true",
                         help="with --dry-run: print the plan as one JSON object")
     parser.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -76,6 +86,7 @@ def main(argv=None) -> int:
     )
     from megatron_vlm.experiments.plan import build_plan, parse_only
     from megatron_vlm.experiments.results_table import collect, write_tables
+    from megatron_vlm.experiments.stage_records import check_records, move_aside, stale_message
     from megatron_vlm.experiments.sweep_spec import load_sweep
 
     args = build_parser().parse_args(argv)
@@ -88,15 +99,29 @@ def main(argv=None) -> int:
     if not plan.points:
         raise ValueError(f"--only {' '.join(args.only)} leaves no grid point")
 
+    stale, _ = check_records(plan, stage_done) if not args.collect else ({}, [])
+
+    def status(run):
+        done = stage_done(run)
+        if done and run.id in stale:
+            return f"{done}, but it ran with other settings ({stale[run.id]}): " + \
+                ("runs again with --rerun-changed" if not args.rerun_changed else "runs again")
+        return done
+
     if args.dry_run:
         if args.json:
             out = plan.to_dict()
             for entry, run in zip(out["runs"], plan.runs):
-                entry["done"] = stage_done(run)
+                entry["done"] = status(run)
             print(json.dumps(out, indent=1))
         else:
-            print(plan.describe(stage_done))
+            print(plan.describe(status))
         return 0
+    if stale and not args.rerun_changed:
+        raise ValueError(stale_message(plan, stale))
+    for old, new in move_aside(plan, stale):
+        print(f"sweep {spec.name}: moved {old} aside to {new} (it ran with other settings)",
+              flush=True)
     if args.slurm:
         files = write_slurm(plan, Path(args.slurm))
         print(f"sweep {spec.name}: {len(files) - 1} job scripts and {files[-1]} "

@@ -6,7 +6,10 @@ complete (``checkpoints/step_<train_iters>/common.json``); an evaluation whose `
 holds every task of the suite at the sweep's limit, for that final checkpoint; the data stage
 when ``data.creates`` exists (without it the command always runs: make it idempotent). An
 interrupted training run resumes from its latest checkpoint (the entry points do that); an
-interrupted evaluation keeps the tasks it finished (tools/evaluate_vlm.py skips them).
+interrupted evaluation keeps the tasks it finished (tools/evaluate_vlm.py skips them). A done
+run is reused only when its stage record says it ran with what the sweep gives it now
+(:mod:`megatron_vlm.experiments.stage_records`: written when a run completes, checked before
+anything runs; a mismatch stops the sweep with one line).
 
 **Local runner** (:class:`LocalRunner`): each run is a subprocess of the real entry point
 (``python SCRIPT`` with one process, ``python -m torch.distributed.run --standalone
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from megatron_vlm.experiments.plan import RESULTS_FILE, Plan, StageRun
+from megatron_vlm.experiments.stage_records import refuse_stale, write_record
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -191,9 +195,12 @@ class LocalRunner:
         plan = self.plan
         runs = plan.runs
         done_before = sum(1 for r in runs if stage_done(r))
+        notes = refuse_stale(plan, stage_done)  # a done run with other settings: one line
         self.say(f"sweep {plan.spec.name}: {len(runs)} runs ({done_before} done already) for "
                  f"{len(plan.points)} grid points; output {plan.spec.output_root}, logs in "
                  f"{plan.spec.output_root / 'logs'}")
+        for note in notes:
+            self.say(note)
         ran, skipped, start = [], [], time.monotonic()
         with self._signals():
             for i, run in enumerate(runs, 1):
@@ -214,6 +221,7 @@ class LocalRunner:
                     raise StageFailed(f"run {run.id} exited 0 after {seconds:.1f} s but "
                                       f"{_result_path(run)} is missing or incomplete; log: "
                                       f"{run.log}")
+                write_record(plan, run)
                 self.say(f"{label}: done in {seconds:.1f} s")
                 ran.append(run.id)
         total = time.monotonic() - start

@@ -30,7 +30,9 @@ With an ``encoder`` or ``projector`` axis in the grid, every image-text run of t
 the decoder only from its checkpoint, with a fresh optimizer state
 (``checkpoint.load_parts=decoder checkpoint.load_optimizer=false``), so all arms of the
 ablation start alike. Every training run saves its final checkpoint (``1.0`` is added to
-``checkpoint.save_fractions``): that checkpoint is how a finished run is recognised.
+``checkpoint.save_fractions``): that checkpoint is how a finished run is recognised, and its
+stage record (:mod:`megatron_vlm.experiments.stage_records`, from :attr:`StageRun.resolved`)
+tells whether it was run with what the sweep gives it now.
 
 Each run's config is loaded and validated here (with every override), so a bad key or value
 stops the sweep before anything runs. :meth:`Plan.gpu_hours` estimates the training cost:
@@ -85,6 +87,9 @@ class StageRun:
     """data: the path whose existence means the data is prepared."""
     points: list[str] = field(default_factory=list)
     """Names of the grid points this run serves."""
+    resolved: Optional[dict[str, Any]] = None
+    """Training: its whole config as loaded with every override (what its stage record,
+    :mod:`megatron_vlm.experiments.stage_records`, keeps to tell an edited stage)."""
 
     def command_text(self) -> str:
         argv = ([self.entry] if self.entry else []) + [str(a) for a in self.args]
@@ -407,6 +412,8 @@ class _Builder:
 
     def _training(self, stage: str, name: str, values: dict, scale: Optional[str], path: Path,
                   overrides: list[str], needs: list[str]) -> StageRun:
+        from megatron_vlm.config import config_to_dict
+
         run_id = _run_id(stage, name)
         cfg = self._load(path, overrides, run_id)
         train = cfg.train
@@ -419,7 +426,7 @@ class _Builder:
             values={a: v for a, v in values.items() if STAGES.index(AXES[a].stage) <= reach},
             log=self._log(run_id), scale=scale, config=path, train_iters=train.train_iters,
             tokens=train.train_iters * train.global_batch_size * train.seq_length,
-            final_checkpoint=last)
+            final_checkpoint=last, resolved=config_to_dict(cfg))
         self.runs[run_id] = run
         return run
 
