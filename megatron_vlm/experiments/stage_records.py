@@ -20,7 +20,8 @@ or when a run it needs is stale or will run (it would be kept on top of new inpu
 stop the sweep with one line naming them and the changed settings (:func:`refuse_stale`);
 ``tools/sweep.py --rerun-changed`` moves their directories aside instead
 (:func:`move_aside`), so they run again and nothing is deleted. A done run without a record
-(finished before records were kept, or by a SLURM job, which writes none) is reused with a note.
+(made before records were kept, by a SLURM job, which writes none, or, for the data stage, by
+another sweep sharing its output) is reused with a note.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def refuse_stale(plan: Plan, done: Done) -> list[str]:
         return []
     return [f"note: {len(unrecorded)} finished run(s) have no record of their settings "
             f"({', '.join(unrecorded[:_SHOWN])}{' ...' if len(unrecorded) > _SHOWN else ''}: "
-            f"finished before records were kept, or by a SLURM job) and are reused unchecked"]
+            f"made before records were kept, by a SLURM job, or by another sweep sharing the "
+            f"data) and are reused unchecked"]
 
 
 def move_aside(plan: Plan, stale: dict[str, str]) -> list[tuple[Path, Path]]:
