@@ -6,8 +6,8 @@ inheriting another recipe with ``base: NAME_OR_PATH``, then adjusted by dotted o
 
     cfg = load_config("tiny", ["train.lr=1e-3", "model.projector.type=linear"])
     dp = cfg.validate_parallel(world_size=4)   # once the world size is known
-    dump_config(cfg, f"{cfg.output_dir}/config.yaml")
-    print(non_default_values(cfg))
+    path = dump_config(cfg, f"{cfg.output_dir}/config.yaml")
+    logger.info(config_summary(cfg, path))    # one line; the file holds the rest
 
 Every section coerces and validates its fields at construction (``__post_init__``); errors are
 ``ValueError``s that name the dotted key. Each field carries a docstring (the string literal
@@ -942,6 +942,17 @@ def dump_config(cfg: RunConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
+
+
+def config_summary(cfg: RunConfig, path: str | Path) -> str:
+    """One log line for a run's config: what it trains on, how long, and the file that holds
+    all of it (a log shows this instead of the whole tree; the model, schedule and features
+    have their own lines)."""
+    t = cfg.train
+    return (f"config: {cfg.name}, data {cfg.data.kind}, {t.train_iters} steps x "
+            f"{t.global_batch_size} sequences of {t.seq_length} tokens (micro batch "
+            f"{t.micro_batch_size}, {t.params_dtype}), device {cfg.parallel.device}; "
+            f"{len(non_default_values(cfg))} values differ from the defaults; all in {path}")
 
 
 def config_arg_parser(description: str, default_recipe: Optional[str] = None,

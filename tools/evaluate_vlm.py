@@ -20,9 +20,9 @@ there for the same checkpoint and settings are skipped unless --redo.
 import os
 import sys
 
-# tqdm reads TQDM_DISABLE when it is imported: lm-eval's and datasets' progress bars stay off
-# in piped logs (this tool's own progress is a bar on a terminal, log lines otherwise).
-if "--no-progress" in sys.argv or not sys.stderr.isatty():
+# tqdm reads TQDM_DISABLE when it is imported: --no-progress turns lm-eval's and datasets' bars
+# off on a terminal too (configure_logging turns them off in piped logs).
+if "--no-progress" in sys.argv:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 from megatron_vlm.logs import configure_logging  # noqa: E402,I001  (before other imports)

@@ -11,7 +11,9 @@ missing ``torchvision::<op>`` operator does it declare the missing op schemas in
 ``torch.library.Library("torchvision", "FRAGMENT")`` and import again, repeating until the
 import succeeds. The declared ops have no kernels: the pure-Python parts of torchvision
 (transforms, model definitions) work, its compiled ops (``torchvision.ops.nms`` and friends)
-raise when called. megatron-vlm only needs the former.
+raise when called. megatron-vlm only needs the former, so a shimmed import is recorded at DEBUG
+level: on every start of a tool that reads images it would be a line nobody can act on (and a
+call into ``torchvision.ops`` names the missing kernel itself).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def ensure_torchvision_importable() -> None:
                 f"({', '.join(_defined_ops)})"
             ) from first_error
         if _defined_ops:
-            logger.info(
+            logger.debug(
                 "torchvision %s could not load its compiled ops beside torch %s; declared placeholder "
                 "op schemas (%s) so torchvision.transforms imports (torchvision.ops kernels are unavailable)",
                 getattr(sys.modules["torchvision"], "__version__", "?"),

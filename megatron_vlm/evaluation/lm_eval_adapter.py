@@ -60,13 +60,13 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from megatron_vlm.evaluation.data_parallel import (
     data_parallel_shard,
     gather_over_data_parallel,
     is_global_rank0,
 )
+from megatron_vlm.progress import Progress
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -392,8 +392,8 @@ class MegatronVLMLM(LM):
         dp_rank, dp_size = data_parallel_shard()
         mine = range(dp_rank, len(batches), dp_size)
         share = desc if dp_size == 1 else f"{desc} (1/{dp_size} per replica)"
-        bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=share,
-                   disable=disable_tqdm or not is_global_rank0())
+        bar = Progress(sum(len(batches[b]) for b in mine), share, "requests",
+                       enabled=not disable_tqdm and is_global_rank0())
         done = {}
         for b in mine:
             done[b] = work(batches[b])

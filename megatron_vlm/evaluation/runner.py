@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional, Sequence
 
 from megatron_vlm.evaluation.data_parallel import is_global_rank0
 from megatron_vlm.evaluation.stable_score import chance_levels, stable_score
+from megatron_vlm.progress import interactive
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -307,7 +307,7 @@ def pope_token_ids(tokenizer, task: str) -> Optional[tuple[list[int], list[int]]
 def _lm_eval_output(interactive: bool):
     """lm-eval's info lines on a terminal only; piped logs keep this project's lines (one per
     task) and lm-eval's warnings. (Its progress bars follow TQDM_DISABLE, which
-    tools/evaluate_vlm.py sets when output is piped.)"""
+    :func:`megatron_vlm.logs.configure_logging` sets when output is piped.)"""
     lm_eval_logger = logging.getLogger("lm_eval")
     level = lm_eval_logger.level
     if not interactive:
@@ -331,7 +331,7 @@ def _run_text(tasks, eval_model, tokenizer, cfg, request, base_settings, results
         return levels
     lm = MegatronVLMLM(eval_model, tokenizer, batch_size=ev.batch_size)
     start = time.perf_counter()
-    with _lm_eval_output(request.progress and is_global_rank0() and sys.stderr.isatty()):
+    with _lm_eval_output(request.progress and is_global_rank0() and interactive()):
         scored = run_text_suite(lm, todo, include_path=ev.text_tasks, limit=request.limit)
     seconds = round(time.perf_counter() - start, 2)
     for task in todo:

@@ -11,9 +11,6 @@ replicas.
 from __future__ import annotations
 
 import logging
-import math
-import sys
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -21,37 +18,9 @@ import torch
 from megatron_vlm.evaluation.data_parallel import data_parallel_shard, gather_over_data_parallel
 from megatron_vlm.evaluation.engine import EvalModel, Prompt
 from megatron_vlm.evaluation.records import Example, Prediction
+from megatron_vlm.progress import Progress
 
 logger = logging.getLogger("megatron_vlm")
-
-
-class Progress:
-    """A bar on a terminal; a log line every ~10% when output is piped."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.done = total, desc, 0
-        self.enabled = enabled
-        self.start = time.perf_counter()
-        self.bar = None
-        self.next_log = 0.1
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and self.total and self.done / self.total >= self.next_log:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            logger.info("%s: %d/%d examples (%.1f/s)", self.desc, self.done, self.total, rate)
-            self.next_log = math.floor(self.done / self.total * 10 + 1) / 10
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        return time.perf_counter() - self.start
 
 
 def predict(eval_model: EvalModel, examples: Sequence[Example], prompt_tokens, image_source,
@@ -66,7 +35,7 @@ def predict(eval_model: EvalModel, examples: Sequence[Example], prompt_tokens, i
     tokens = {i: prompt_tokens(examples[i]) for i in mine}
     order = sorted(mine, key=lambda i: (len(tokens[i]) + (examples[i].image is not None)
                                         * eval_model.num_image_tokens, i))
-    bar = Progress(len(examples), desc, progress)
+    bar = Progress(len(examples), desc, "examples", enabled=progress)
     chunk = batch_size * 4  # images are prepared a few batches at a time
     results: list[tuple[int, dict]] = []
     for start in range(0, len(order), chunk):

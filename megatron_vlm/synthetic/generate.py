@@ -229,7 +229,7 @@ def generate(out_dir: str | os.PathLike, cfg: ShapesWorldConfig | None = None, *
     ``seconds`` per stage and ``skipped``: whether an identical complete data set was already
     there). ``fsync``: flush every file to disk before the manifest is written (off only where
     durability does not matter, e.g. scratch directories)."""
-    from tqdm import tqdm
+    from megatron_vlm.progress import Progress
 
     cfg = cfg or ShapesWorldConfig()
     root = Path(out_dir)
@@ -242,8 +242,7 @@ def generate(out_dir: str | os.PathLike, cfg: ShapesWorldConfig | None = None, *
     w = _Writer(root)
     seconds: dict[str, float] = {}
     n_images = cfg.images + cfg.llava_images + cfg.eval_images + cfg.corrupt
-    bar = tqdm(total=n_images + cfg.text_docs, desc="shapesworld", unit="item",
-               disable=not progress, dynamic_ncols=True)
+    bar = Progress(n_images + cfg.text_docs, "shapesworld", "item", enabled=progress)
     scene_records: list[dict] = []
     tokenizer_texts: list[str] = []
     corrupt: list[dict] = []
@@ -410,7 +409,7 @@ def generate(out_dir: str | os.PathLike, cfg: ShapesWorldConfig | None = None, *
 
     # ---- tokenizers -----------------------------------------------------------------------
     t = time.perf_counter()
-    bar.set_postfix_str("tokenizer")
+    bar.set_note("tokenizer")
     w.write("tokenizer/tokenizer.json", train_bpe(tokenizer_texts, cfg.vocab_size))
     if cfg.sentencepiece:
         w.write("tokenizer/tokenizer.model", train_sentencepiece(tokenizer_texts, cfg.vocab_size))

@@ -117,10 +117,10 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     """Runs (or resumes) the training described by ``cfg``; returns the per-step metrics of
     this invocation."""
     from megatron.core import parallel_state
-    from tqdm import tqdm
 
-    from megatron_vlm.config import config_to_dict, dump_config, non_default_values
+    from megatron_vlm.config import config_summary, config_to_dict, dump_config
     from megatron_vlm.model.build import build_model
+    from megatron_vlm.progress import Progress
     from megatron_vlm.runtime import initialize
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training import checkpointing as ckpt
@@ -152,8 +152,7 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
                               cfg.checkpoint.allow_schedule_change)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("config: %s (non-default: %s)", dump_config(cfg, out / "config.yaml"),
-                    non_default_values(cfg))
+        logger.info("%s", config_summary(cfg, dump_config(cfg, out / "config.yaml")))
         logger.info("%s", schedule.describe())
 
     model = build_model(cfg)
@@ -198,13 +197,15 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         if rank == 0:
             logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
 
-    bar = tqdm(range(start, cfg.train.train_iters), initial=start, total=cfg.train.train_iters,
-               desc="train", disable=rank != 0, dynamic_ncols=True)
+    # A bar on a terminal only: each log step's line already says where the run is, so a piped
+    # log gets those lines alone, and the loss is printed once, in them.
+    bar = Progress(cfg.train.train_iters, "train", "step", enabled=rank == 0, initial=start,
+                   lines=False)
     # Losses stay on the device between log steps (summed, so a log line reports the per-token
     # mean over its interval); reading them is the only wait for the GPU the loop adds.
     pending, last_logged, last_time, interval_flops = None, start, time.perf_counter(), 0.0
     try:
-        for step in bar:
+        for step in range(start, cfg.train.train_iters):
             lr = schedule.lr(step)
             apply_lr(state.optimizer, lr)
             microbatches = next_step()
@@ -225,17 +226,19 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
                 if peak:
                     metrics["mfu"] = flops.mfu(flops_per_s_per_gpu, peak)
                 pending, last_logged, last_time, interval_flops = None, done, now, 0.0
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
                 if sink is not None:
                     sink.log(done, metrics)
                 if rank == 0:
-                    extra = " ".join(f"{k}={metrics[k]:.4f}" for k in metrics
-                                     if k.startswith("loss/"))
-                    logger.info("step %d/%d loss=%.4f %s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+                    # Per-source losses when there are several (one source is the loss itself).
+                    sources = [k for k in metrics if k.startswith("loss/")]
+                    extra = "".join(f" {k}={metrics[k]:.4f}" for k in sources
+                                    if len(sources) > 1)
+                    logger.info("step %d/%d loss=%.4f%s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
                                 done, cfg.train.train_iters, metrics["loss"], extra, lr,
                                 metrics["grad_norm"], metrics["tokens_per_s"],
                                 f" mfu={metrics['mfu']:.3f}" if "mfu" in metrics else "")
             history.append(metrics)
+            bar.update(1)
             if on_step is not None:
                 on_step(done, metrics)
             writer.poll()  # completes background saves every rank has written (a collective)
@@ -252,6 +255,13 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     except BaseException:
         writer.abandon()  # this rank only: its peers may never reach a collective finish()
         raise
+    finally:
+        seconds = bar.close()
+    if rank == 0 and start < cfg.train.train_iters:
+        logger.info("trained steps %d-%d in %.1f s; metrics in %s", start + 1,
+                    cfg.train.train_iters, seconds, out / "metrics.jsonl")
+    elif rank == 0:
+        logger.info("nothing to train: the run is at step %d of %d", start, cfg.train.train_iters)
     if sink is not None:
         sink.close()
     return history
