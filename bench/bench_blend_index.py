@@ -1,155 +1,215 @@
-"""Benchmark: the exact token-ratio blend index against megatron-core's BlendedDataset index.
+"""Benchmark: the exact token-ratio blend index, at the paper's image-text scale against
+megatron-core's compiled blending helper, and at the scale of its 4.3T-token text run.
 
-    python bench/bench_blend_index.py                       # 28B tokens, L=1024, B=256, 3 sources
-    python bench/bench_blend_index.py --total-tokens 1e9 --repeat 1 --json
+    python bench/bench_blend_index.py                          # every case, 3 repeats each
+    python bench/bench_blend_index.py --case 28b --repeat 5 --json
 
-Sources (synthetic per-sequence positions, no data): text 25M packed windows of 1024 positions;
-caption 3M records of [729 image positions][SEP][caption][EOS] with caption lengths drawn
-log-normally (mean about 30 tokens); instruction 665K conversations, 90% with an image, lengths
-drawn log-normally and cut at 1024. Blend text 0.8 / caption 0.1 / instruction 0.1 of tokens.
+Cases (synthetic per-sequence positions, no data):
 
-Prints, for our index: build seconds (each repeat and the median), peak RSS of the process after
-the builds (resource.getrusage ru_maxrss, which includes the interpreter, numpy and the input
-arrays) and the largest error at a global-batch boundary. Then, in the same process, megatron-core
-0.16.1's own blending index (``megatron.core.datasets.helpers.build_blending_indices``, the
-compiled ``helpers_cpp`` extension that ships prebuilt in the megatron-core wheel, run exactly as
-``BlendedDataset._build_indices`` runs it) for the same number of samples and the same weights:
-its seconds, the ratio ours / megatron, its largest per-sample count error over all prefixes, and
-what its per-sample weights do to token fractions with these sequence lengths.
+* ``28b``: 28B tokens, L=1024, global batch 256, text 0.8 / caption 0.1 / instruction 0.1 of
+  tokens. Text 25M packed windows of 1024 positions; caption 3M records of [729 image
+  positions][SEP][caption][EOS], caption lengths log-normal (mean about 30 tokens); instruction
+  665K conversations, 90% with an image, log-normal lengths cut at 1024. megatron-core 0.16.1's
+  ``build_blending_indices`` (the compiled ``helpers_cpp`` extension shipped in its wheel, called
+  as ``BlendedDataset._build_indices`` calls it, allocation of its two arrays included) builds
+  the same number of samples with the same weights.
+* ``4.3t-text``: DCLM-1B's text run, 4.3T tokens at L=2048, global batch 1024: one text source
+  of 2,099,609,375 windows (about 2.1 billion sequences, one epoch).
+* ``4.3t-captions``: the same with 10% of tokens from the caption source above (3M records,
+  about 762 positions each, about 190 epochs).
+
+Every build runs in a fresh subprocess, which reports its build seconds and peak RSS
+(``ru_maxrss``; ``rss_before`` is the same figure just before the build: interpreter, numpy and
+the source arrays). megatron's helper is loaded straight from its ``.so`` so its process imports
+numpy only, as ours does. Fetch times are per global batch: ``random`` over the whole run (a
+variable-length source then reads a new epoch's prefix sums), ``warm`` over random batches of
+the last 2000 (epochs already read), ``sequential`` reading on as the loader does.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 
-from megatron_vlm.data.blend import BlendSource, build_blend_index, draw_epochs
-from megatron_vlm.logs import configure_logging
-
-FRACTIONS = {"text": 0.8, "caption": 0.1, "instruction": 0.1}
-
-
-def make_sources(seq_length: int, n_img: int = 729, seed: int = 0) -> list[BlendSource]:
-    rng = np.random.default_rng(seed)
-    caption_len = np.clip(np.rint(rng.lognormal(3.3, 0.5, 3_000_000)), 3, 200).astype(np.int32)
-    caption = np.minimum(n_img + 2 + caption_len, seq_length).astype(np.uint16)
-    has_image = rng.random(665_000) < 0.9
-    conv_len = np.clip(np.rint(rng.lognormal(5.2, 0.6, 665_000)), 20, 4000).astype(np.int32)
-    instruction = np.minimum(np.where(has_image, n_img, 0) + conv_len + 1,
-                             seq_length).astype(np.uint16)
-    return [BlendSource("text", 25_000_000, seq_length),
-            BlendSource("caption", caption.shape[0], caption, image_positions=n_img),
-            BlendSource("instruction", instruction.shape[0], instruction,
-                        image_positions=np.where(has_image, n_img, 0).astype(np.uint16))]
+CASES = ("28b", "4.3t-text", "4.3t-captions")
+FRACTIONS_28B = {"text": 0.8, "caption": 0.1, "instruction": 0.1}
+TEXT_4T_WINDOWS = 4_300_000_000_000 // 2048
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def megatron_blend(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """megatron-core's blending index, built the way BlendedDataset builds it."""
-    from megatron.core.datasets import helpers
+def caption_positions(seq_length: int, n_img: int = 729, count: int = 3_000_000,
+                      seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    caption_len = np.clip(np.rint(rng.lognormal(3.3, 0.5, count)), 3, 200).astype(np.int32)
+    return np.minimum(n_img + 2 + caption_len, seq_length).astype(np.uint16)
 
+
+def make_case(case: str):
+    """(sources, fractions, total tokens, L, B) of a case."""
+    from megatron_vlm.data.blend import BlendSource
+
+    if case == "28b":
+        L, n_img = 1024, 729
+        rng = np.random.default_rng(1)
+        has_image = rng.random(665_000) < 0.9
+        conv_len = np.clip(np.rint(rng.lognormal(5.2, 0.6, 665_000)), 20, 4000).astype(np.int32)
+        instruction = np.minimum(np.where(has_image, n_img, 0) + conv_len + 1, L).astype(np.uint16)
+        sources = [BlendSource("text", 25_000_000, L),
+                   BlendSource("caption", 3_000_000, caption_positions(L), image_positions=n_img),
+                   BlendSource("instruction", instruction.shape[0], instruction,
+                               image_positions=np.where(has_image, n_img, 0).astype(np.uint16))]
+        return sources, FRACTIONS_28B, 28 * 10**9, L, 256
+    L, B, total = 2048, 1024, 4_300_000_000_000
+    text = BlendSource("text", TEXT_4T_WINDOWS, L)
+    if case == "4.3t-text":
+        return [text], {"text": 1.0}, total, L, B
+    caption = BlendSource("caption", 3_000_000, caption_positions(L), image_positions=729)
+    return [text, caption], {"text": 0.9, "caption": 0.1}, total, L, B
+
+
+def _median_ms(index, batches) -> float:
+    times = []
+    for i in batches:
+        t0 = time.perf_counter()
+        index.batch(int(i))
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 4)
+
+
+def worker_ours(case: str, seed: int) -> dict:
+    from megatron_vlm.data.blend import build_blend_index
+
+    sources, fractions, total, L, B = make_case(case)
+    before = rss_mib()
     t0 = time.perf_counter()
-    dataset_index = np.zeros(size, dtype=np.int16)
-    dataset_sample_index = np.zeros(size, dtype=np.int64)
+    index = build_blend_index(sources, fractions, total, L, B, seed=seed)
+    build = time.perf_counter() - t0
+    peak = rss_mib()
+    nb = index.num_batches
+    rng = np.random.default_rng(seed)
+    random_ms = _median_ms(index, rng.integers(0, nb, 100))
+    warm_ms = _median_ms(index, rng.integers(max(0, nb - 2000), nb, 500))
+    sequential_ms = _median_ms(index, range(nb // 2, nb // 2 + 1000))
+    s = index.summary()
+    return {"build_seconds": round(build, 4), "peak_rss_mib": round(peak, 1),
+            "rss_before_mib": round(before, 1), "peak_rss_after_fetches_mib": round(rss_mib(), 1),
+            "fetch_random_ms": random_ms, "fetch_warm_ms": warm_ms,
+            "fetch_sequential_ms": sequential_ms, "num_sequences": s["num_sequences"],
+            "num_batches": nb, "max_abs_error_sequences": s["max_abs_error_sequences"],
+            "error_bound_sequences": s["error_bound_sequences"],
+            "boundaries_checked_at_build": s["boundaries_checked_at_build"],
+            "merge_tree": s["merge_tree"],
+            "achieved_fractions": {x["name"]: x["achieved_fraction"] for x in s["sources"]},
+            "epochs": {x["name"]: round(x["epochs"], 4) for x in s["sources"]}}
+
+
+def _megatron_helpers():
+    """megatron-core's compiled ``helpers_cpp`` module, loaded without importing megatron.core
+    (which would import torch and dwarf the helper's own memory)."""
+    spec = importlib.util.find_spec("megatron")
+    where = os.path.join(list(spec.submodule_search_locations)[0], "core", "datasets")
+    found = glob.glob(os.path.join(where, "helpers_cpp*.so"))
+    if not found:
+        raise FileNotFoundError(f"no compiled helpers_cpp extension under {where}")
+    loaded = importlib.util.spec_from_file_location("helpers_cpp", found[0])
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return module
+
+
+def worker_megatron(samples: int, weights: list[float]) -> dict:
+    helpers = _megatron_helpers()
+    before = rss_mib()
+    t0 = time.perf_counter()
+    dataset_index = np.zeros(samples, dtype=np.int16)
+    dataset_sample_index = np.zeros(samples, dtype=np.int64)
     helpers.build_blending_indices(dataset_index, dataset_sample_index,
-                                   np.asarray(weights, dtype=np.float64), len(weights), size, False)
-    return dataset_index, dataset_sample_index, time.perf_counter() - t0
+                                   np.asarray(weights, dtype=np.float64), len(weights), samples,
+                                   False)
+    return {"build_seconds": round(time.perf_counter() - t0, 4), "peak_rss_mib": round(rss_mib(), 1),
+            "rss_before_mib": round(before, 1)}
+
+
+def run_worker(args: list[str]) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+                         text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _med(runs: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 4)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--total-tokens", type=float, default=28e9)
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--case", choices=CASES, action="append", help="default: every case")
+    p.add_argument("--repeat", type=int, default=3, help="fresh processes per case")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--worker", choices=("ours", "megatron"), help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    configure_logging()
-    L, B = args.seq_length, args.global_batch
-    total = int(args.total_tokens)
+    if args.worker == "ours":
+        print(json.dumps(worker_ours(args.case[0], args.seed)))
+        return 0
+    if args.worker == "megatron":
+        print(json.dumps(worker_megatron(args.samples, list(FRACTIONS_28B.values()))))
+        return 0
 
-    sources = make_sources(L)
-    rss_inputs = rss_mib()
-    names = [s.name for s in sources]
-    ours, index = [], None
-    for r in range(args.repeat):
-        index = None
-        t0 = time.perf_counter()
-        index = build_blend_index(sources, FRACTIONS, total, L, B, seed=r)
-        ours.append(time.perf_counter() - t0)
-        print(f"ours: repeat {r}: {ours[-1]:.2f} s", file=sys.stderr)
-    rss_ours = rss_mib()
-    summary = index.summary()
-    n = index.num_sequences
-    del index
-    # The part of our time spent shuffling each source's epochs (megatron's blending index
-    # does no shuffling: GPTDataset shuffles separately).
-    t0 = time.perf_counter()
-    for s, info in zip(sources, summary["sources"]):
-        draw_epochs(s.num_sequences, info["sequences"], 0, s.name)
-    shuffle_seconds = time.perf_counter() - t0
-
-    weights = [FRACTIONS[k] for k in names]
-    theirs = []
-    for r in range(args.repeat):
-        dataset_index, dataset_sample_index, secs = megatron_blend(weights, n)
-        theirs.append(secs)
-        print(f"megatron-core: repeat {r}: {secs:.2f} s", file=sys.stderr)
-    # Per-sample error of megatron's index over every prefix, and its token fractions.
-    steps = np.arange(1, n + 1, dtype=np.float64)
-    sample_err = 0.0
-    tok_batch = np.zeros((n // B + 1, len(names)), dtype=np.int64)
-    for c, s in enumerate(sources):
-        mask = dataset_index == c
-        count = np.cumsum(mask, dtype=np.int64)
-        sample_err = max(sample_err, float(np.abs(count - weights[c] * steps).max()))
-        tps = s.tokens_per_sequence
-        tok = (mask * tps) if isinstance(tps, int) else np.where(
-            mask, tps[dataset_sample_index % s.num_sequences], 0)
-        tok_batch[1:, c] = np.cumsum(tok[:n // B * B].reshape(-1, B).sum(axis=1))
-        del mask, count, tok
-    seen = tok_batch.sum(axis=1)
-    tok_err = np.abs(tok_batch - seen[:, None] * np.asarray(weights)[None, :]).max()
-    meg_fractions = {k: float(tok_batch[-1, c] / seen[-1]) for c, k in enumerate(names)}
-
-    result = {
-        "machine": f"{platform.machine()} {platform.system()}, 2-core CPU, 24 GiB, no GPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "total_tokens": total, "seq_length": L, "global_batch_size": B,
-        "num_sequences": n, "num_batches": summary["num_batches"],
-        "ours_seconds": [round(x, 3) for x in ours],
-        "ours_median_seconds": round(statistics.median(ours), 3),
-        "ours_cold_seconds": round(ours[0], 3),
-        "ours_shuffle_seconds": round(shuffle_seconds, 3),
-        "ours_peak_rss_mib": round(rss_ours, 1),
-        "rss_after_inputs_mib": round(rss_inputs, 1),
-        "ours_max_abs_error_sequences": summary["max_abs_error_sequences"],
-        "ours_error_bound_sequences": summary["error_bound_sequences"],
-        "ours_achieved_fractions": {s["name"]: s["achieved_fraction"] for s in summary["sources"]},
-        "ours_epochs": {s["name"]: round(s["epochs"], 4) for s in summary["sources"]},
-        "merge_tree": summary["merge_tree"],
-        "megatron_seconds": [round(x, 3) for x in theirs],
-        "megatron_median_seconds": round(statistics.median(theirs), 3),
-        "ratio_ours_over_megatron": round(statistics.median(ours) / statistics.median(theirs), 2),
-        "megatron_max_abs_sample_count_error": round(sample_err, 4),
-        "megatron_token_fractions": meg_fractions,
-        "megatron_max_abs_token_error_sequences": round(float(tok_err) / L, 2),
-    }
+    result = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()}-core CPU",
+              "date": time.strftime("%Y-%m-%d"), "numpy": np.__version__,
+              "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "cases": {}}
+    for case in args.case or CASES:
+        ours, theirs = [], []
+        for r in range(args.repeat):
+            ours.append(run_worker(["--worker", "ours", "--case", case, "--seed", str(r)]))
+            print(f"{case} ours repeat {r}: {ours[-1]['build_seconds']} s, "
+                  f"{ours[-1]['peak_rss_mib']} MiB", file=sys.stderr)
+            if case == "28b":     # interleaved, so both see the same load
+                theirs.append(run_worker(["--worker", "megatron",
+                                          "--samples", str(ours[-1]["num_sequences"])]))
+                print(f"{case} megatron repeat {r}: {theirs[-1]['build_seconds']} s, "
+                      f"{theirs[-1]['peak_rss_mib']} MiB", file=sys.stderr)
+        entry = {"ours_build_seconds": [r["build_seconds"] for r in ours],
+                 "ours_median_build_seconds": _med(ours, "build_seconds"),
+                 "ours_median_peak_rss_mib": _med(ours, "peak_rss_mib"),
+                 "ours_median_rss_before_mib": _med(ours, "rss_before_mib"),
+                 "ours_median_fetch_random_ms": _med(ours, "fetch_random_ms"),
+                 "ours_median_fetch_warm_ms": _med(ours, "fetch_warm_ms"),
+                 "ours_median_fetch_sequential_ms": _med(ours, "fetch_sequential_ms"),
+                 "ours_median_peak_rss_after_fetches_mib": _med(ours, "peak_rss_after_fetches_mib"),
+                 "ours_last_run": ours[-1]}
+        if theirs:
+            entry.update({
+                "megatron_build_seconds": [r["build_seconds"] for r in theirs],
+                "megatron_median_build_seconds": _med(theirs, "build_seconds"),
+                "megatron_median_peak_rss_mib": _med(theirs, "peak_rss_mib"),
+                "megatron_median_rss_before_mib": _med(theirs, "rss_before_mib"),
+                "ratio_build_seconds_ours_over_megatron": round(
+                    _med(ours, "build_seconds") / _med(theirs, "build_seconds"), 3),
+                "ratio_peak_rss_ours_over_megatron": round(
+                    _med(ours, "peak_rss_mib") / _med(theirs, "peak_rss_mib"), 3)})
+        result["cases"][case] = entry
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(result))
     else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+        print(json.dumps(result, indent=1))
     return 0
 
 

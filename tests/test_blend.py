@@ -297,6 +297,15 @@ def test_dry_run_cli_json(capsys, tmp_path):
     assert "max err (seq)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="sum to"):
         tool.main(["ins=0.3" if a == "ins=0.1" else a for a in args])
+    # Synthetic variable lengths, and every boundary checked on request.
+    uncached = args[:args.index("--cache-dir")]
+    assert tool.main(["cap:40:700-760" if a == "cap:40:760" else a for a in uncached]
+                     + ["--verify"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified_boundaries"] == out["num_batches"] + 1
+    assert out["verified_max_abs_error_sequences"] == pytest.approx(out["max_abs_error_sequences"])
+    with pytest.raises(ValueError, match="LOW <= HIGH"):
+        tool.main(["cap:40:760-700" if a == "cap:40:760" else a for a in args])
     with pytest.raises(ValueError, match="NAME:SEQUENCES:TOKENS_PER_SEQUENCE"):
         tool.main(["--dry-run", "--source", "text:1000", "--ratio", "text=1",
                    "--total-tokens", "10", "--seq-length", "8", "--global-batch", "2"])

@@ -1,11 +1,16 @@
 """Build the exact token-ratio blend index (see docs/blend.md) and print its summary.
 
-Dry run, with synthetic source sizes and no data (NAME:SEQUENCES:TOKENS_PER_SEQUENCE):
+Dry run, with synthetic source sizes and no data (NAME:SEQUENCES:TOKENS_PER_SEQUENCE, or
+NAME:SEQUENCES:LOW-HIGH for lengths drawn uniformly from LOW..HIGH):
 
     python tools/build_blend_index.py --dry-run \\
         --source text:25000000:1024 --source caption:3000000:760 --source instruction:665000:900 \\
         --ratio text=0.8 --ratio caption=0.1 --ratio instruction=0.1 \\
         --total-tokens 28e9 --seq-length 1024 --global-batch 256 --json
+
+    python tools/build_blend_index.py --dry-run --source text:2.1B:2048 \\
+        --source caption:3M:734-931 --ratio text=0.9 --ratio caption=0.1 \\
+        --total-tokens 4.3T --seq-length 2048 --global-batch 1024
 
 Real shards (NAME:KIND:PATH, KIND one of text | caption | instruction; text takes an
 IndexedDataset prefix, several joined with commas):
@@ -16,8 +21,11 @@ IndexedDataset prefix, several joined with commas):
         --ratio text=0.9 --ratio caption=0.05 --ratio llava=0.05 \\
         --total-tokens 1e9 --seq-length 1024 --global-batch 256 --cache-dir data/blend-cache
 
-With --cache-dir a finished index is stored under a hash of every input and reused by the next
-run with the same inputs (an interrupted build leaves nothing behind and simply runs again).
+The index is a function of its inputs: a build checks every global-batch boundary of runs up to
+2**22 sequences and the last 64 of larger ones (the loader's fetches check the rest as it reads
+them); --verify checks every boundary now. With --cache-dir the index's description is stored
+under a hash of every input and reused by the next run with the same inputs (an interrupted
+build leaves nothing behind and simply runs again).
 --json prints one JSON object (the summary, with max_abs_error_sequences and build_seconds);
 otherwise a table.
 """
@@ -68,6 +76,8 @@ def parse_ratio(items: Sequence[str]) -> dict[str, float]:
 
 
 def dry_run_sources(items: Sequence[str]):
+    import numpy as np
+
     from megatron_vlm.data.blend import BlendSource
 
     sources = []
@@ -75,10 +85,21 @@ def dry_run_sources(items: Sequence[str]):
         parts = item.split(":")
         if len(parts) != 3:
             raise ValueError(f"--source {item!r} must look like NAME:SEQUENCES:TOKENS_PER_SEQUENCE "
-                             "in a dry run")
+                             "(or NAME:SEQUENCES:LOW-HIGH) in a dry run")
         name, seqs, toks = parts
-        sources.append(BlendSource(name, parse_count(seqs, f"--source {name} SEQUENCES"),
-                                   parse_count(toks, f"--source {name} TOKENS_PER_SEQUENCE")))
+        count = parse_count(seqs, f"--source {name} SEQUENCES")
+        low, dash, high = toks.partition("-")
+        if not dash:
+            sources.append(BlendSource(name, count,
+                                       parse_count(toks, f"--source {name} TOKENS_PER_SEQUENCE")))
+            continue
+        low = parse_count(low, f"--source {name} LOW")
+        high = parse_count(high, f"--source {name} HIGH")
+        if not 1 <= low <= high:
+            raise ValueError(f"--source {item!r}: LOW-HIGH must satisfy 1 <= LOW <= HIGH")
+        # Synthetic lengths, uniform in [LOW, HIGH], the same for the same name.
+        rng = np.random.default_rng(list(name.encode("utf-8")))
+        sources.append(BlendSource(name, count, rng.integers(low, high + 1, count, dtype=np.int32)))
     return sources
 
 
@@ -125,6 +146,10 @@ def format_table(summary: dict) -> str:
         f"largest error at a global-batch boundary: {summary['max_abs_error_sequences']:.4f} "
         f"sequences ({summary['max_abs_error_tokens']:.1f} tokens); proved bound "
         f"{summary['error_bound_sequences']:.4f}; merge tree {summary['merge_tree']}",
+        f"boundaries checked at build: {summary['boundaries_checked_at_build']:,} of "
+        f"{summary['boundaries']:,}" + (
+            f"; --verify: all, largest error {summary['verified_max_abs_error_sequences']:.4f} "
+            "sequences" if "verified_boundaries" in summary else ""),
         f"built in {summary['build_seconds']:.2f} s" + (
             f"; loaded from cache {summary['cache_path']}" if summary.get("from_cache") else
             (f"; cached at {summary['cache_path']}" if summary.get("cache_path") else "")),
@@ -158,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-padding", action="store_true",
                    help="count every sequence as all seq_length positions of its source "
                         "(default: padding counts for nobody)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every global-batch boundary now (reads the whole run once)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -176,6 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               seed=args.seed, cache_dir=args.cache_dir,
                               num_batches=args.num_batches, progress=not args.no_progress)
     summary = index.summary()
+    if args.verify:
+        checked = index.verify(progress=not args.no_progress)
+        summary["verified_boundaries"] = summary["num_batches"] + 1
+        summary["verified_max_abs_error_sequences"] = float(
+            checked["max_abs_error_tokens"].max()) / args.seq_length
     summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(summary) if args.json else format_table(summary))
     sys.stdout.flush()
