@@ -11,12 +11,24 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def run_main(main: Callable[[], int], prog: str) -> None:
-    """Runs ``main`` and exits with its status; a user error prints ``prog: error: ...`` and
+    """Runs ``main`` and exits with its status; a user error, or an output that cannot be
+    written (:func:`megatron_vlm.fsutil.output_error_message`), prints ``prog: error: ...`` and
     exits with status 2 (after tearing down any process group so peers don't hang)."""
     try:
         status = main()
     except USER_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        _teardown_if_started()
+        sys.exit(2)
+    except BaseException as err:  # megatron's failed checkpoint save is a BaseException
+        # An output the machine would not take (disk full, read-only, no permission) is one
+        # line naming the file; anything else keeps its traceback.
+        from megatron_vlm.fsutil import output_error_message
+
+        line = output_error_message(err)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
         _teardown_if_started()
         sys.exit(2)
     sys.exit(status)

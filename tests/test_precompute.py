@@ -26,6 +26,7 @@ from megatron_vlm.data.image_io import (  # noqa: E402
     pil_preprocess,
     resize_geometry,
 )
+from megatron_vlm.data.image_sources import iter_tar_records  # noqa: E402
 from megatron_vlm.data.precompute import SkipLimitExceeded  # noqa: E402
 from precompute_helpers import TOOL, drop_last_shard, run_tool, tool  # noqa: E402
 
@@ -317,6 +318,58 @@ def test_tool_resume_writes_identical_files(tmp_path, tar_inputs, weights, tok_p
     # other settings into the same directory are refused
     with pytest.raises(ValueError, match="resize: 'letterbox' before, 'resize-crop' now"):
         run_tool(*args, "--resize", "resize-crop")
+
+
+def _cut_after(src: Path, dst: Path, members: int, extra: int = 0) -> None:
+    """``src`` cut after its first ``members`` members (plus ``extra`` bytes): at a member
+    boundary the end-of-archive blocks are simply missing, as after an interrupted copy."""
+    with tarfile.open(src) as tf:
+        offset = tf.getmembers()[members].offset
+    dst.write_bytes(src.read_bytes()[:offset + extra])
+
+
+def test_a_truncated_tar_is_an_error_naming_it(tmp_path, tar_inputs, weights):
+    root, _ = tar_inputs
+    cut = tmp_path / "cut.tar"
+    _cut_after(root / "shard-000.tar", cut, members=4)   # keys 000000000 and 000000001 complete
+    out = tmp_path / "emb"
+    args = ["--recipe", "tiny", f"model.encoder.weights_path={weights}", "--output", out,
+            "--rows-per-shard", 1, "--batch-size", 1, "--no-progress"]
+    with pytest.raises(ValueError, match=rf"{cut}: truncated or damaged tar: it ends without the "
+                                         r"end-of-archive blocks after member '000000001.json'"):
+        run_tool(*args, "--tar", cut)
+    # the last key before the cut is not written (its other members may be lost)
+    assert "000000001" not in EmbeddingDataset(out)
+    # cut inside a member's data, or inside a header: also an error naming the tar
+    for extra in (700, 100):
+        _cut_after(root / "shard-000.tar", cut, members=4, extra=extra)
+        with pytest.raises(ValueError, match=rf"{cut}: (not a readable|truncated or damaged) tar"):
+            list(iter_tar_records([str(cut)]))
+    # a complete copy resumes the run (the inputs are the same paths)
+    cut.write_bytes((root / "shard-000.tar").read_bytes())
+    run_tool(*args, "--tar", cut, "--max-skips", 1)
+    assert EmbeddingDataset(out).keys() == ["000000000", "000000001", "000000003"]
+
+
+def test_an_output_directory_of_other_data_is_refused(tmp_path, tar_inputs, weights):
+    root, _ = tar_inputs
+    args = ["--recipe", "tiny", f"model.encoder.weights_path={weights}", "--no-progress",
+            "--max-skips", 1]
+    foreign = tmp_path / "text"
+    foreign.mkdir()
+    (foreign / "shard_00000.bin").write_bytes(b"someone else's shard")
+    with pytest.raises(ValueError, match=rf"--output {foreign} is not empty and holds no "
+                                         r"precompute.json"):
+        run_tool(*args, "--tar", root / "shard-000.tar", "--output", foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["shard_00000.bin"]   # untouched
+    # the output of a run on other inputs: not appended to
+    out = tmp_path / "emb"
+    run_tool(*args, "--tar", root / "shard-000.tar", "--output", out)
+    keys = EmbeddingDataset(out).keys()
+    with pytest.raises(ValueError, match=r"inputs: 1 files before, 1 now; input 1 was "
+                                         r"'.*shard-000.tar', is '.*shard-001.tar' now"):
+        run_tool(*args, "--tar", root / "shard-001.tar", "--output", out)
+    assert EmbeddingDataset(out).keys() == keys
 
 
 def test_tool_folder_jsonl_and_image_list(tmp_path, weights):

@@ -27,8 +27,12 @@ Both write precompute.json (the settings; for images the resize mode the loader 
 evaluation use) and skipped.jsonl (every skipped key with its reason).
 
 Corrupt or missing images are skipped and listed; more than --max-skips stop the run with an
-error naming the last key. An interrupted run resumes: finished shards are kept, their keys are
-not processed again, and the remaining shards come out as an uninterrupted run writes them.
+error naming the last key. A tar that is cut short (also exactly at a member boundary, where
+only its end-of-archive blocks are missing) or damaged stops the run with an error naming it.
+An interrupted run resumes: finished shards are kept, their keys are not processed again, and
+the remaining shards come out as an uninterrupted run writes them. --output must be new, empty,
+or the output of an earlier run with the same settings and the same inputs (paths, in order);
+anything else is refused, so rows are never appended to other data.
 
 Examples:
   python tools/precompute_image_embeddings.py --recipe 1b model.encoder.weights_path=siglip.safetensors \\

@@ -104,11 +104,44 @@ def _tar_record(tar_path: str, key: str, members: Dict[str, bytes]) -> ImageReco
     return ImageRecord(key, f"{tar_path}:{key}.{ext}", data=members[ext], caption=caption, problem=problem)
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Remembers why a tar's member list ended. :mod:`tarfile` stops quietly both at the
+    end-of-archive marker (a zero block) and where the file simply runs out (a download or copy
+    cut at a member boundary, or inside a header), so a cut archive would pass for a complete
+    one with fewer members; the header error it swallows tells the two apart."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.end_reason = err
+            raise
+
+
+def _check_archive_end(tar: tarfile.TarFile, tar_path: str, last_member: str) -> None:
+    """ValueError naming the tar unless its members ended at the end-of-archive marker.
+
+    One zero block is enough: tar writers add a second one and padding, which hold no data."""
+    reason = getattr(tar, "end_reason", None)
+    if isinstance(reason, tarfile.EOFHeaderError):
+        return
+    if isinstance(reason, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        what = "ends without the end-of-archive blocks"
+    else:  # a block that is neither a header nor the end marker
+        what = f"has a damaged header ({reason})"
+    raise ValueError(f"{tar_path}: truncated or damaged tar: it {what} after member "
+                     f"{last_member!r} (byte {tar.offset}), so the members after it are missing; "
+                     f"copy or download the file again")
+
+
 def iter_tar_records(paths: Sequence[str], skip_keys: Optional[Set[str]] = None) -> Iterator[ImageRecord]:
     """Records of webdataset tar shards (DataComp layout: KEY.jpg/.png with KEY.txt/.json), streamed.
 
     Consecutive members with the same key form one record. Members of keys in ``skip_keys`` are
-    not read into memory (their records come back without data).
+    not read into memory (their records come back without data). A tar that is cut short (also
+    exactly at a member boundary) or damaged raises ValueError naming it, after the records
+    before the damage.
     """
     wanted = set(TAR_IMAGE_EXTS) | set(TAR_CAPTION_EXTS)
     skip_keys = skip_keys or set()
@@ -117,7 +150,7 @@ def iter_tar_records(paths: Sequence[str], skip_keys: Optional[Set[str]] = None)
         members: Dict[str, bytes] = {}
         last_member = "(start of file)"
         try:
-            with tarfile.open(tar_path, mode="r|*") as tar:
+            with tarfile.open(tar_path, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -132,6 +165,7 @@ def iter_tar_records(paths: Sequence[str], skip_keys: Optional[Set[str]] = None)
                     elif ext in wanted:
                         members[ext] = b""
                     last_member = member.name
+                _check_archive_end(tar, tar_path, last_member)
                 if current is not None:
                     yield _tar_record(tar_path, current, members)
         except (tarfile.TarError, EOFError, OSError) as err:

@@ -18,7 +18,8 @@ One driver behind ``tools/precompute_image_embeddings.py``, with two kinds of ou
 Both share everything else: inputs are processed in a fixed order, rows fill shards in order,
 and write batches never straddle a shard boundary, so an interrupted run resumes at the first
 unfinished shard and writes the same files an uninterrupted run writes. ``precompute.json``
-(:func:`check_manifest`) records the settings, so a rerun with other settings cannot mix rows;
+(:func:`check_manifest`) records the settings and the inputs, so a rerun with other settings or
+inputs cannot mix rows (and a directory that holds anything else is refused);
 ``skipped.jsonl`` lists every skipped image and :class:`PrecomputeSummary` counts what the run
 did.
 """
@@ -41,6 +42,7 @@ from megatron_vlm.data.embedding_shards import EmbeddingShardWriter
 from megatron_vlm.data.image_io import ImageDecodeError
 from megatron_vlm.data.image_shards import ImageShardWriter
 from megatron_vlm.data.image_sources import ImageRecord
+from megatron_vlm.fsutil import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -125,19 +127,15 @@ class PrecomputeSummary:
                 "captions": self.captions, "caption_tokens": self.caption_tokens}
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
-    """Write ``precompute.json``; if the directory already has one, its settings must agree.
+    """Write ``precompute.json``, refusing a directory whose rows this run must not add to.
 
-    ``settings["inputs"]`` is recorded but not compared (a resumed run may name more inputs).
+    A directory without ``precompute.json`` must be empty (or new): files there belong to
+    something else, and the shard writer would delete any named ``shard_*``. One with it must
+    have been written with the same settings, ``settings["inputs"]`` (the input paths, in
+    order) included: a resumed run continues its own inputs, and rows of other inputs are not
+    appended to it. Paths, not sizes, are compared, so a tar downloaded again after it was found
+    truncated resumes the run.
     """
     path = os.path.join(output_dir, MANIFEST_NAME)
     if os.path.isfile(path):
@@ -147,17 +145,29 @@ def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err}); delete it or use another --output") from None
         old_settings = old.get("settings", {}) if isinstance(old, dict) else {}
-        diffs = [f"{k}: {old_settings.get(k)!r} before, {v!r} now" for k, v in settings.items()
-                 if k != "inputs" and old_settings.get(k) != v]
+        diffs = [_setting_diff(k, old_settings.get(k), v) for k, v in settings.items()
+                 if old_settings.get(k) != v]
         if diffs:
             raise ValueError(f"--output {output_dir} holds rows written with other settings ("
                              + "; ".join(diffs) + "); use a new --output directory or delete this one")
-    _atomic_write_text(path, json.dumps({"format": MANIFEST_FORMAT, "settings": settings}, indent=1) + "\n")
+    elif os.listdir(output_dir):
+        raise ValueError(f"--output {output_dir} is not empty and holds no {MANIFEST_NAME} (it is not "
+                         f"the output of an earlier precompute); use a new or empty --output directory")
+    write_json_atomic(path, {"format": MANIFEST_FORMAT, "settings": settings})
+
+
+def _setting_diff(key: str, old: Any, new: Any) -> str:
+    if key == "inputs" and isinstance(old, list) and isinstance(new, list):
+        first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        at = lambda paths: repr(paths[first]) if first < len(paths) else "nothing"  # noqa: E731
+        return (f"inputs: {len(old)} files before, {len(new)} now; input {first + 1} was {at(old)}, "
+                f"is {at(new)} now")
+    return f"{key}: {old!r} before, {new!r} now"
 
 
 def _write_skipped(output_dir: str, skipped: Sequence[SkippedImage]) -> str:
     path = os.path.join(output_dir, SKIPPED_NAME)
-    _atomic_write_text(path, "".join(json.dumps(s.as_dict()) + "\n" for s in skipped))
+    write_text_atomic(path, "".join(json.dumps(s.as_dict()) + "\n" for s in skipped))
     return path
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from megatron_vlm.fsutil import TMP_SUFFIX, sha256_file, write_json_atomic
+from megatron_vlm.fsutil import TMP_SUFFIX, raise_naming, sha256_file, write_json_atomic
 from megatron_vlm.fsutil import fsync_dir as _fsync_dir
 
 if sys.byteorder != "little":  # the formats are little-endian and read by memory-mapping
@@ -66,22 +66,31 @@ class _HashingFile:
         self.nbytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as err:  # a full disk: the message names the file
+            raise_naming(err, self.tmp_path)
         self._hash.update(data)
         self.nbytes += len(data)
 
     def commit(self) -> dict:
         """fsync, rename into place; returns the file's index entry."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as err:
+            raise_naming(err, self.tmp_path)
         os.replace(self.tmp_path, self.final_path)
         return {"file": os.path.basename(self.final_path), "bytes": self.nbytes,
                 "sha256": self._hash.hexdigest()}
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # data a full disk did not take: the file is deleted anyway
+                pass
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 
