@@ -38,6 +38,73 @@ def test_the_state_after_every_slot_equals_the_materialised_order(monkeypatch):
         np.testing.assert_array_equal(part[0], labels[p:p + 3])
 
 
+def flat_blend():
+    """Two sources, one of variable length, merged flat."""
+    rng = np.random.default_rng(8)
+    return ([BlendSource("text", 300, 64), BlendSource("cap", 101, rng.integers(1, 65, 101))],
+            {"text": 0.7, "cap": 0.3})
+
+
+@pytest.mark.parametrize("make", [nested_blend, flat_blend])
+def test_ideal_time_thresholds_select_exactly_a_prefix_even_with_a_wrong_bound(make):
+    """The search's building block: every element with root key <= theta, for theta at exact
+    keys (ties), just below and just above them, found without reading the order. A node
+    bound that is too small is caught by the search's own check and widened."""
+    sources, fr = make()
+    k = len(sources)
+    index = build_blend_index(sources, fr, 60_000, 64, 12, seed=5)
+    order = index.order
+    labels, ids = np.asarray(index.source_ids), np.asarray(index.sample_ids)
+    tokens = np.zeros(labels.shape[0], dtype=np.int64)
+    for c, s in enumerate(sources):
+        tps = s.tokens_per_sequence
+        tokens[labels == c] = tps if isinstance(tps, int) else tps[ids[labels == c]]
+    # Root keys from the materialised order: each child's stream is its sources' subsequence.
+    keys = np.empty(labels.shape[0])
+    for child, den in zip(order.root.children, order.root.denominators):
+        mine = np.isin(labels, child.leaves)
+        mid2 = 2 * np.cumsum(tokens[mine]) - tokens[mine]
+        keys[mine] = mid2.astype(np.float64) / den
+    assert (np.diff(keys) >= 0).all()                        # merged in order of ideal time
+    counts = np.zeros((labels.shape[0] + 1, k), dtype=np.int64)
+    for c in range(k):
+        counts[1:, c] = np.cumsum(labels == c)
+    picked = keys[np.random.default_rng(3).integers(0, keys.shape[0], 80)]
+    thetas = np.concatenate([[0.0, 1.0], picked, np.nextafter(picked, 0), np.nextafter(picked, 1e18)])
+
+    def check(thetas):
+        for theta in thetas:
+            state = np.zeros(k, dtype=np.int64)
+            order._state_key(order.root, float(theta), state)
+            np.testing.assert_array_equal(state, counts[np.searchsorted(keys, theta, "right")],
+                                          err_msg=f"theta {theta!r}")
+
+    check(thetas)
+    inner = [ch for ch in order.root.children if not hasattr(ch, "constant")]
+    while inner:
+        node = inner.pop()
+        node.spread = -8.0 * node.max_tokens                   # claims far too tight a bound
+        inner += [ch for ch in node.children if not hasattr(ch, "constant")]
+    check(thetas[::6])
+
+
+def test_a_merge_that_asks_its_children_for_too_few_asks_again():
+    sources, fr = nested_blend()
+    reference = build_blend_index(sources, fr, 60_000, 64, 12, seed=6)
+    sid, smp = np.asarray(reference.source_ids), np.asarray(reference.sample_ids)
+    index = build_blend_index(sources, fr, 60_000, 64, 12, seed=6)
+    nodes = [index.order.root]
+    while nodes:
+        node = nodes.pop()
+        node.shares = [0.0] * len(node.children)             # every first request is too small
+        nodes += [ch for ch in node.children if hasattr(ch, "shares")]
+    B = index.global_batch_size
+    for i in (0, 1, 17, index.num_batches - 1, 40):
+        s, m = index.batch(i)
+        np.testing.assert_array_equal(s, sid[i * B:(i + 1) * B])
+        np.testing.assert_array_equal(m, smp[i * B:(i + 1) * B])
+
+
 def test_any_global_batch_alone_equals_reading_in_order():
     sources, fr = nested_blend()
     index = build_blend_index(sources, fr, 150_000, 64, 12, seed=2)

@@ -259,7 +259,8 @@ class BlendOrder:
                 tokens = self.tokens_at(node, state)
                 if 2 * tokens <= y:     # the last element taken has a midpoint below y / 2
                     break
-                margin *= 2
+                # Only a wrong bound gets here; widen until the prefix is safely short.
+                margin = 2 * abs(margin) + node.max_tokens
             else:
                 state[node.leaves] = 0
                 tokens = 0
