@@ -99,18 +99,24 @@ def output_error_message(err: BaseException) -> Optional[str]:
         code, cause, path = err.errno, err.strerror, err.filename
         if code in _WRITE_ERRNOS | _ACCESS_ERRNOS and path is None:
             path = _path_in_traceback(err)
-    else:
-        path = _path_in_traceback(err, writers_only=True)
-        if path is None:
-            return None
-        text = str(err)
-        as_text, torch_failure = _ERRNO_TEXT.search(text), _TORCH_WRITE_FAILURE.search(text)
-        if as_text:
-            code, cause, path = int(as_text[1]), as_text[2].strip(), as_text[3] or path
-        elif torch_failure:
-            code, cause = errno.ENOSPC, _short_write_cause(path, torch_failure[0])
-        else:
-            return None
+        return _errno_line(code, cause, path)
+    path = _path_in_traceback(err, writers_only=True)
+    if path is None:
+        return None
+    text = str(err)
+    as_text, torch_failure = _ERRNO_TEXT.search(text), _TORCH_WRITE_FAILURE.search(text)
+    if as_text:
+        return _errno_line(int(as_text[1]), as_text[2].strip(), as_text[3] or path)
+    if torch_failure:
+        return f"cannot write {path}: {_short_write_cause(path, torch_failure[0])}"
+    if getattr(err, "failures", None) == {}:
+        # megatron raises the writer workers' errors on the coordinating rank only; the others
+        # get an empty CheckpointException, and their line points to that rank's.
+        return f"cannot write {path}: the save failed on another rank, whose error names the cause"
+    return None
+
+
+def _errno_line(code: Optional[int], cause: str, path: Optional[str]) -> Optional[str]:
     if code in _WRITE_ERRNOS:
         return f"cannot write {path if path is not None else 'an output (file not known)'}: {cause}"
     if code in _ACCESS_ERRNOS and path is not None:  # without a file it may be no file error

@@ -69,7 +69,12 @@ def test_messages_name_the_file_and_the_cause(tmp_path):
 
 
 class _CheckpointException(BaseException):
-    """As torch.distributed.checkpoint's: a BaseException whose text holds the workers' errors."""
+    """As torch.distributed.checkpoint's: a BaseException whose text holds the workers' errors
+    (on the coordinating rank; the others get none)."""
+
+    @property
+    def failures(self):
+        return self.args[1]
 
 
 # The shapes of megatron-core 0.16's failed checkpoint saves (run for real on a full tmpfs, they
@@ -77,11 +82,12 @@ class _CheckpointException(BaseException):
 # finalization only its storage writer. Compiled under megatron's file name, without importing it.
 _MEGATRON_SAVES = """
 def save(sharded_state_dict, checkpoint_dir):
-    raise Failure("write", "RuntimeError: Worker failure: [enforce fail at inline_container.cc:672] "
-                  ". unexpected pos 704 vs 598")
+    raise Failure("write", {0: "RuntimeError: Worker failure: [enforce fail at "
+                               "inline_container.cc:672] . unexpected pos 704 vs 598"})
 
 def save_state_dict_async_finalize(storage_writer, global_metadata, dist_wrapper):
-    raise Failure("write", "OSError: Worker failure: [Errno 28] No space left on device")
+    raise Failure("write", {0: "OSError: Worker failure: [Errno 28] No space left on device"}
+                  if dist_wrapper == "coordinator" else {})
 """
 
 
@@ -96,8 +102,12 @@ def test_failed_megatron_checkpoint_saves_name_the_checkpoint(tmp_path):
     line = output_error_message(exc.value)   # the cause: from the free space left (plenty here)
     assert line.startswith(f"cannot write {ckpt}: ") and line.endswith("unexpected pos 704 vs 598)")
     with pytest.raises(_CheckpointException) as exc:
-        ns["save_state_dict_async_finalize"](writer, None, None)
+        ns["save_state_dict_async_finalize"](writer, None, "coordinator")
     assert output_error_message(exc.value) == f"cannot write {ckpt}: No space left on device"
+    with pytest.raises(_CheckpointException) as exc:
+        ns["save_state_dict_async_finalize"](writer, None, "another rank")
+    assert output_error_message(exc.value) == \
+        f"cannot write {ckpt}: the save failed on another rank, whose error names the cause"
 
 
 @pytest.mark.parametrize("size", [100, 100_000])   # fails at commit's flush / in write
