@@ -21,7 +21,8 @@ Cases (synthetic per-sequence positions, no data):
 Every build runs in a fresh subprocess, which reports its build seconds and peak RSS
 (``ru_maxrss``; ``rss_before`` is the same figure just before the build: interpreter, numpy and
 the source arrays). megatron's helper is loaded straight from its ``.so`` so its process imports
-numpy only, as ours does. Fetch times are per global batch: ``random`` over the whole run (a
+numpy only, as ours does; after its measurement the worker also reports the token fractions its
+per-sample weights give with the 28b case's sequence lengths. Fetch times are per global batch: ``random`` over the whole run (a
 variable-length source then reads a new epoch's prefix sums), ``warm`` over random batches of
 the last 2000 (epochs already read), ``sequential`` reading on as the loader does.
 """
@@ -131,8 +132,9 @@ def _megatron_helpers():
     return module
 
 
-def worker_megatron(samples: int, weights: list[float]) -> dict:
+def worker_megatron(samples: int, global_batch: int) -> dict:
     helpers = _megatron_helpers()
+    weights = list(FRACTIONS_28B.values())
     before = rss_mib()
     t0 = time.perf_counter()
     dataset_index = np.zeros(samples, dtype=np.int16)
@@ -140,8 +142,25 @@ def worker_megatron(samples: int, weights: list[float]) -> dict:
     helpers.build_blending_indices(dataset_index, dataset_sample_index,
                                    np.asarray(weights, dtype=np.float64), len(weights), samples,
                                    False)
-    return {"build_seconds": round(time.perf_counter() - t0, 4), "peak_rss_mib": round(rss_mib(), 1),
-            "rss_before_mib": round(before, 1)}
+    result = {"build_seconds": round(time.perf_counter() - t0, 4),
+              "peak_rss_mib": round(rss_mib(), 1), "rss_before_mib": round(before, 1)}
+    # After the measurement: what its per-sample weights do to token fractions with the 28b
+    # case's sequence lengths, at every global-batch boundary.
+    sources, _, _, L, _ = make_case("28b")
+    nb = samples // global_batch
+    tokens = np.zeros((nb + 1, len(weights)), dtype=np.int64)
+    for c, s in enumerate(sources):
+        mask = dataset_index[:nb * global_batch] == c
+        tps = s.tokens_per_sequence
+        tok = mask * tps if isinstance(tps, int) else np.where(
+            mask, tps[dataset_sample_index[:nb * global_batch] % s.num_sequences], 0)
+        tokens[1:, c] = np.cumsum(tok.reshape(nb, global_batch).sum(axis=1))
+    seen = tokens.sum(axis=1)
+    err = np.abs(tokens - seen[:, None] * np.asarray(weights)[None, :]).max()
+    result["token_fractions"] = {s.name: round(float(tokens[-1, c] / seen[-1]), 4)
+                                 for c, s in enumerate(sources)}
+    result["max_abs_token_error_sequences"] = round(float(err) / L, 1)
+    return result
 
 
 def run_worker(args: list[str]) -> dict:
@@ -163,12 +182,13 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=("ours", "megatron"), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == "ours":
         print(json.dumps(worker_ours(args.case[0], args.seed)))
         return 0
     if args.worker == "megatron":
-        print(json.dumps(worker_megatron(args.samples, list(FRACTIONS_28B.values()))))
+        print(json.dumps(worker_megatron(args.samples, args.global_batch)))
         return 0
 
     result = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()}-core CPU",
@@ -181,8 +201,9 @@ def main(argv=None) -> int:
             print(f"{case} ours repeat {r}: {ours[-1]['build_seconds']} s, "
                   f"{ours[-1]['peak_rss_mib']} MiB", file=sys.stderr)
             if case == "28b":     # interleaved, so both see the same load
-                theirs.append(run_worker(["--worker", "megatron",
-                                          "--samples", str(ours[-1]["num_sequences"])]))
+                theirs.append(run_worker(["--worker", "megatron", "--samples",
+                                          str(ours[-1]["num_sequences"]), "--global-batch",
+                                          str(ours[-1]["num_sequences"] // ours[-1]["num_batches"])]))
                 print(f"{case} megatron repeat {r}: {theirs[-1]['build_seconds']} s, "
                       f"{theirs[-1]['peak_rss_mib']} MiB", file=sys.stderr)
         entry = {"ours_build_seconds": [r["build_seconds"] for r in ours],
@@ -203,7 +224,10 @@ def main(argv=None) -> int:
                 "ratio_build_seconds_ours_over_megatron": round(
                     _med(ours, "build_seconds") / _med(theirs, "build_seconds"), 3),
                 "ratio_peak_rss_ours_over_megatron": round(
-                    _med(ours, "peak_rss_mib") / _med(theirs, "peak_rss_mib"), 3)})
+                    _med(ours, "peak_rss_mib") / _med(theirs, "peak_rss_mib"), 3),
+                "megatron_token_fractions": theirs[-1]["token_fractions"],
+                "megatron_max_abs_token_error_sequences":
+                    theirs[-1]["max_abs_token_error_sequences"]})
         result["cases"][case] = entry
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
