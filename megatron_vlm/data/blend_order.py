@@ -37,6 +37,7 @@ from megatron_vlm.data.permutation import KeyedPermutation, endless_order
 
 _EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs (permutation + prefix sums)
 _EPOCH_CACHE_ENTRIES = 64       # ... and at most this many of them (tiny sources, many epochs)
+_SMALL_SOURCE = 1 << 16        # smaller sources read spans of several epochs in one pass
 _LANDING_GAP = 256              # state_at lands at most this many slots before the target
 
 
@@ -109,8 +110,8 @@ class Leaf:
         if self.constant is not None:
             return (np.full(count, self.constant, dtype=np.int64),
                     np.full(count, -1, dtype=np.int64))
-        if count > self.n:
-            # Several epochs at once: permute every position with its own epoch's keys.
+        if count > self.n and self.n < _SMALL_SOURCE:
+            # Many epochs of a small source at once: every position with its own epoch's keys.
             ids = self.ids(j0 + np.arange(count, dtype=np.int64))
             return self.tps[ids].astype(np.int64), ids
         tokens, ids = np.empty(count, np.int64), np.empty(count, np.int64)
