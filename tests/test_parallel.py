@@ -32,7 +32,13 @@ LAYOUTS = {  # name: (ranks, arguments)
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# The plain TP=2 and PP=2 layouts are contained in tp2_pp2 (TP without sequence parallelism, and
+# the pipeline, with the plain optimizer); CI runs that one and leaves these two to `-m slow`.
+SLOW_LAYOUTS = {"tp2", "pp2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS
+                                  else n for n in LAYOUTS])
 def test_layout_matches_single_process(name):
     ranks, args = LAYOUTS[name]
     proc = torchrun("megatron_vlm.check_parallel", args + ["--json"], nproc=ranks)

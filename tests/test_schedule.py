@@ -143,6 +143,19 @@ def test_warmup_fraction():
     assert ft.lr(260) == 3e-4 and ft.lr(5198) == 0.0
 
 
+@pytest.mark.parametrize("mode", ["from_scratch", "rewarmup"])
+def test_training_takes_a_fraction_warmup_as_the_schedule_does(mode):
+    """0.07 * 100 is 7.000000000000001 in floating point: the run's warmup is 7 steps, as
+    LRSchedule.from_fraction says, not 8."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.training.loop import build_schedule
+
+    cfg = load_config("tiny", [f"schedule.mode={mode}", "schedule.warmup_fraction=0.07",
+                               "train.train_iters=100"])
+    assert build_schedule(cfg, None).warmup_steps == 7
+    assert LRSchedule.from_fraction(100, 0.07, 1e-3, 0.0).warmup_steps == 7
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -145,7 +145,7 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
     ``stop_after_shards`` ends the run after writing that many shards (a test hook that
     simulates an interruption).
     """
-    from tqdm import tqdm
+    from megatron_vlm.progress import Progress
 
     t0 = time.perf_counter()
     if max_skips < 0:
@@ -194,8 +194,7 @@ def preprocess_llava(json_path: str, image_root: str, tokenizer_path: str, outpu
             start = max(start, int(meta["end_record"]))
             summary.restore(meta["counts"])
         summary.shards_reused = len(writer.finished_shards())
-        bar = tqdm(total=len(records), initial=start, desc=LLAVA_TOOL, unit="rec",
-                   disable=not progress, dynamic_ncols=True)
+        bar = Progress(len(records), LLAVA_TOOL, "rec", enabled=progress, initial=start)
         try:
             block_start = start
             written_keys = writer.written_keys()

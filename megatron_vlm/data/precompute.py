@@ -282,7 +282,7 @@ def _precompute(records, open_writer: Callable[[], Any], write: Callable[[Any, L
     """The driver: read and decode ``records`` in order (a background thread decodes ahead),
     skip and list the bad ones, and hand the others to ``write(writer, chunk)`` in chunks of at
     most the preprocessor's batch size that never straddle a shard boundary."""
-    from tqdm import tqdm
+    from megatron_vlm.progress import Progress
 
     if max_skips < 0:
         raise ValueError(f"--max-skips must be >= 0; got {max_skips}")
@@ -303,13 +303,12 @@ def _precompute(records, open_writer: Callable[[], Any], write: Callable[[Any, L
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") if prefetch > 0 else None
     in_flight: deque = deque()
 
-    bar = tqdm(total=total, unit="img", desc="precompute", dynamic_ncols=True, disable=not progress,
-               mininterval=1.0)
+    bar = Progress(total, "precompute", "img", enabled=progress)
 
     def skip(key: str, reason: str, detail: str, source: str) -> None:
         summary.skipped.append(SkippedImage(key, reason, detail, source))
         bar.update(1)
-        bar.set_postfix(skipped=len(summary.skipped), refresh=False)
+        bar.set_note(f"skipped {len(summary.skipped)}")
         if len(summary.skipped) > max_skips:
             path = _write_skipped(output_dir, summary.skipped)
             raise SkipLimitExceeded(

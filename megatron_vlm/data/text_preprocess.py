@@ -266,7 +266,7 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
     ``stop_after_shards`` ends the run after writing that many shards (a test hook that
     simulates an interruption).
     """
-    from tqdm import tqdm
+    from megatron_vlm.progress import Progress
 
     from megatron_vlm.data.tokenizer import load_tokenizer
 
@@ -374,7 +374,7 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
     chunk_shard = -1
     doc = 0
     stop = False
-    bar = tqdm(desc="preprocess_text", unit="doc", disable=not progress, dynamic_ncols=True)
+    bar = Progress(None, "preprocess_text", "doc", enabled=progress)
     try:
         for path in files:
             for where, text, problem in iter_text_records(path, field):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,9 +17,10 @@ import torch
 
 logger = logging.getLogger("megatron_vlm")
 
+
 def build_schedule(cfg, parent_common: Optional[dict]):
     """The run's LR schedule from ``schedule.*`` (and the parent checkpoint's metadata)."""
-    from megatron_vlm.training.schedule import LRSchedule
+    from megatron_vlm.training.schedule import LRSchedule, warmup_steps_from_fraction
 
     s, t = cfg.schedule, cfg.train
     tokens_per_step = t.global_batch_size * t.seq_length
@@ -30,8 +30,8 @@ def build_schedule(cfg, parent_common: Optional[dict]):
             raise ValueError(f"schedule.mode=continue: checkpoint {cfg.checkpoint.load} has no "
                              "schedule metadata to continue (use schedule.mode=rewarmup)")
         return LRSchedule.continue_from(parent, t.train_iters, tokens_per_step=tokens_per_step)
-    warmup = (math.ceil(s.warmup_fraction * t.train_iters) if s.warmup_fraction is not None
-              else s.warmup_iters)  # ceil, as LRSchedule.warmup_cosine_fraction
+    warmup = (warmup_steps_from_fraction(s.warmup_fraction, t.train_iters)
+              if s.warmup_fraction is not None else s.warmup_iters)
     if warmup > t.train_iters:
         raise ValueError(f"schedule.warmup_iters={warmup} is longer than "
                          f"train.train_iters={t.train_iters}")

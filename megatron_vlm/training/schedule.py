@@ -274,6 +274,19 @@ class ScheduleMetadata:
 
 # ----------------------------------------------------------------------------- schedules
 
+def warmup_steps_from_fraction(warmup_fraction: float, total_steps: int) -> int:
+    """``ceil(warmup_fraction * total_steps)``, the warmup of a run whose warmup is a fraction of
+    it; every schedule built from a fraction takes its warmup from here. ``warmup_fraction``
+    must be in [0, 1]."""
+    if not _is_real(warmup_fraction) or not math.isfinite(float(warmup_fraction)):
+        raise ValueError(f"warmup_fraction must be a finite number, got {warmup_fraction!r}")
+    warmup_fraction = float(warmup_fraction)
+    if not 0.0 <= warmup_fraction <= 1.0:
+        raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    # round() first so that e.g. 0.07 * 100 = 7.000000000000001 does not ceil to 8.
+    return min(total_steps, math.ceil(round(warmup_fraction * total_steps, 9)))
+
+
 class LRSchedule:
     """A learning-rate schedule over ``total_steps`` optimizer updates (see the module doc).
 
@@ -338,13 +351,7 @@ class LRSchedule:
         """:meth:`warmup_cosine` with ``warmup_steps = ceil(warmup_fraction * total_steps)``
         (fine-tuning: ``warmup_fraction=0.05``). ``warmup_fraction`` must be in [0, 1]."""
         total_steps = _check_int("total_steps", total_steps, 1)
-        if not _is_real(warmup_fraction) or not math.isfinite(float(warmup_fraction)):
-            raise ValueError(f"warmup_fraction must be a finite number, got {warmup_fraction!r}")
-        warmup_fraction = float(warmup_fraction)
-        if not 0.0 <= warmup_fraction <= 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
-        # round() first so that e.g. 0.05 * 1000 = 50.00000000000001 does not ceil to 51.
-        warmup_steps = min(total_steps, math.ceil(round(warmup_fraction * total_steps, 9)))
+        warmup_steps = warmup_steps_from_fraction(warmup_fraction, total_steps)
         return cls(total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr,
                    final_lr=final_lr, decay_style=decay_style, mode="warmup_fraction",
                    tokens_per_step=tokens_per_step)
