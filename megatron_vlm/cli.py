@@ -72,6 +72,9 @@ def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = Fa
     """The whole of pretrain_vlm.py / finetune_vlm.py: config from a YAML file or recipe plus
     ``key=value`` overrides, then the training loop. ``defaults`` (key=value) adjust a
     ``--recipe`` only; a YAML file is used as written."""
+    from megatron_vlm.lifecycle import tie_to_the_run
+
+    tie_to_the_run()  # first: helpers (and torchrun's workers) die with the run
 
     def main(argv=None) -> int:
         import argparse
@@ -99,9 +102,11 @@ def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = Fa
         cfg = load_config(source, [*stage_defaults, *args.overrides])
         if require_load and not cfg.checkpoint.load:
             raise ValueError(f"{prog} needs checkpoint.load=PATH (the pre-trained checkpoint)")
+        from megatron_vlm.runtime.distributed import peer_failures_in_one_line
         from megatron_vlm.training.loop import train
 
-        train(cfg)
+        with peer_failures_in_one_line(prog, cfg.output_dir) as on_step:
+            train(cfg, on_step=on_step)
         from megatron_vlm.runtime import shutdown
 
         shutdown()

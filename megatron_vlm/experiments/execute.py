@@ -32,7 +32,6 @@ examples/*/slurm.sbatch do.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shlex
@@ -47,11 +46,11 @@ from typing import IO, Optional
 
 from megatron_vlm.experiments.plan import RESULTS_FILE, Plan, StageRun
 from megatron_vlm.experiments.stage_records import refuse_stale, write_record
+from megatron_vlm.lifecycle import die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_SECONDS = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +135,8 @@ def _free_port() -> int:
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:  # best effort: SIGTERM to the child when the sweep process dies
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
+    # SIGTERM, not SIGKILL: a torchrun child then stops its workers itself.
+    die_with_parent(signal.SIGTERM)  # best effort (Linux): the child goes when the sweep dies
 
 
 def _group_alive(pgid: int) -> bool:

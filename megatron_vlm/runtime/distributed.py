@@ -8,10 +8,15 @@ megatron-core's model-parallel groups.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import re
+import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -164,6 +169,8 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10,
                 raise ValueError(f"WORLD_SIZE={world_size} but MASTER_PORT is not set: start "
                                  "the processes with torchrun")
             os.environ["MASTER_PORT"] = str(_free_port())
+            logger.info("runtime: MASTER_PORT not set; this process uses free port %s (set "
+                        "MASTER_PORT to choose one)", os.environ["MASTER_PORT"])
         dist.init_process_group(
             backend=backend,
             rank=rank,
@@ -206,3 +213,80 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What gloo says when the process at the other end of a connection is gone (killed, crashed,
+# or stopped by torchrun) or stopped answering; a store hosted by a dead rank says the same.
+_PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|Timed out waiting|"
+                        r"Socket Timeout|Connection refused")
+_PEER_ADDRESS = re.compile(r"\[([^\]]+)\]:(\d+)")
+
+
+def describe_peer_failure(err: BaseException, last_step: Optional[int]) -> Optional[str]:
+    """What happened, in words, when ``err`` was raised because another rank of the job
+    stopped (its connection closed or timed out inside a collective); None for any other error.
+
+    With two ranks the stopped one is the other; with more, gloo names only an address (and
+    once the first survivor exits, others see *its* connection close), so the address is given.
+    """
+    if not isinstance(err, RuntimeError) or not dist.is_initialized():
+        return None
+    match = _PEER_GONE.search(str(err))
+    if match is None:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 2:
+        who = f"rank {1 - rank}"
+    else:
+        address = _PEER_ADDRESS.search(str(err))
+        who = "a peer rank" + (f" ({address.group(1)}:{address.group(2)})" if address else "")
+    how = "timed out waiting for it" if "imed out" in match.group(0) else "lost its connection to it"
+    where = _collective_in(err)
+    when = f"after step {last_step}" if last_step is not None else "before the first step"
+    return f"{who} stopped: rank {rank} {how} during {where} {when}"
+
+
+def _collective_in(err: BaseException) -> str:
+    """The collective ``err`` came from: the innermost public torch.distributed function in its
+    traceback ("all_reduce"), else the innermost megatron function that waited on one
+    ("a collective in start_grad_sync")."""
+    frames = [(f.filename.replace(os.sep, "/"), f.name)
+              for f in traceback.extract_tb(err.__traceback__)]
+    public = [name for path, name in frames
+              if "torch/distributed/distributed_c10d" in path and not name.startswith("_")]
+    if public:
+        return public[-1]
+    callers = [name for path, name in frames if "/megatron" in path]
+    return f"a collective in {callers[-1]}" if callers else "a collective"
+
+
+@contextlib.contextmanager
+def peer_failures_in_one_line(prog: str, output_dir):
+    """Around a training run: when another rank stops, this rank prints one line (which rank,
+    during what, where the details are), writes the traceback to OUTPUT_DIR/logs/rankN.err and
+    exits with status 1, instead of a screen of gloo tracebacks per rank. Yields the
+    ``on_step`` callback that tells it the last completed step. Any other error passes."""
+    progress = {"step": None}
+
+    def on_step(step: int, _metrics) -> None:
+        progress["step"] = step
+
+    try:
+        yield on_step
+    except RuntimeError as err:
+        what = describe_peer_failure(err, progress["step"])
+        if what is None:
+            raise
+        details = Path(output_dir) / "logs" / f"rank{dist.get_rank()}.err"
+        try:
+            details.parent.mkdir(parents=True, exist_ok=True)
+            details.write_text(f"{what}\n\n" + "".join(traceback.format_exception(err)))
+        except OSError as write_err:  # the line matters more than the file
+            details = f"(not written: {write_err}) {details}"
+        print(f"{prog}: error: {what}; details in {details}", file=sys.stderr, flush=True)
+        # Exit now, skipping interpreter teardown: torch's destructors block on the dead
+        # peer's connection (until torchrun's SIGTERM). What needs saving is on disk; helpers
+        # die with this process (megatron_vlm.lifecycle).
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)

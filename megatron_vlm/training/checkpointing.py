@@ -17,10 +17,12 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -33,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vlm.fsutil import fsync_dir, write_text_atomic
+from megatron_vlm.lifecycle import die_with_parent
 from megatron_vlm.training.checkpoint_checks import check_checkpoint_files
 
 logger = logging.getLogger("megatron_vlm")
@@ -194,15 +197,30 @@ def _sharded_state(model, optimizer, with_optimizer: bool, rng: Optional[str], i
     return state
 
 
-def _shutdown_write_results_manager() -> None:
-    """Stops the helper process megatron-core's checkpoint writer starts for its results.
+def _start_write_results_manager() -> None:
+    """Starts the helper process megatron-core's checkpoint writer collects its results in,
+    tied to this process.
 
-    megatron-core spawns one multiprocessing manager per process at the first save (sync or
-    async) and keeps it in a module global for the life of the process; a trainer killed
-    between saves would leave it running forever (nothing ties it to its parent). Stopped once
-    a save is complete, nothing outlives a save; the next save starts a new one (about half a
-    second).
+    megatron-core spawns a multiprocessing manager for them at the first save (sync or async)
+    and nothing ties it to its parent: a trainer killed during a save left it running for good
+    (about 300 MB each), and with it multiprocessing's resource tracker. Started here instead,
+    in its module global where megatron-core looks first, with the parent-death signal as its
+    initializer (a spawned process: fork hooks never see it).
     """
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # as megatron-core does
+    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+    filesystem_async._results_queue = manager.Queue()
+
+
+def _shutdown_write_results_manager() -> None:
+    """Stops the write-results manager once a save is complete, so that it does not hold its
+    memory between saves; the next save starts a new one (about half a second)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     queue = getattr(filesystem_async, "_results_queue", None)
@@ -257,6 +275,7 @@ class CheckpointWriter:
         # Serialized now: the caller may change its dicts while a background write runs.
         text = json.dumps(common, indent=1, sort_keys=True, default=str) + "\n"
         state = _sharded_state(model, optimizer, full, "current" if full else None, False)
+        _start_write_results_manager()
 
         def complete() -> None:  # on every rank, once every rank's data is on disk
             _shutdown_write_results_manager()
@@ -305,25 +324,28 @@ class CheckpointWriter:
             self._stop_writers()
 
     def abandon(self) -> None:
-        """Waits for this rank's background writer and leaves its checkpoint incomplete
+        """Stops this rank's background writer and leaves its checkpoint incomplete
         (``NAME.tmp``), with no collective: for an error on one rank, whose peers may never
-        call :meth:`finish`. Also runs at interpreter exit."""
+        call :meth:`finish`. Also runs at interpreter exit. The writer is killed, not waited
+        for: what it would write can never complete, and after a peer's death the wait only
+        delays this rank's report (torchrun may stop it first)."""
         if self._pending:
-            logger.warning("checkpoint %s was written in the background but never completed; "
-                           "it stays incomplete as %s", self._pending[0],
+            logger.warning("checkpoint %s was being written in the background and never "
+                           "completed; it stays incomplete as %s", self._pending[0],
                            self._pending[0].name + ".tmp")
-        self._stop_writers()
+        self._stop_writers(abort=True)
 
     @property
     def pending(self) -> list[Path]:
         """Checkpoints being written in the background (not complete yet)."""
         return list(self._pending)
 
-    def _stop_writers(self) -> None:
-        """Joins this rank's writer processes (no collective) and stops the results manager."""
+    def _stop_writers(self, abort: bool = False) -> None:
+        """Joins (or with ``abort`` kills) this rank's writer processes, with no collective,
+        and stops the results manager."""
         if self._queue is not None:
             for call in list(self._queue.async_calls):
-                call.async_caller.close()
+                call.async_caller.close(abort=abort)
             self._queue = None
         self._pending = []
         _shutdown_write_results_manager()
@@ -585,6 +607,7 @@ def save_model(model, directory: str | Path) -> None:
     """Saves the model's sharded state dict; every rank of the job must call this."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    _start_write_results_manager()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
     _shutdown_write_results_manager()
 

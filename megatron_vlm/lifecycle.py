@@ -1,0 +1,97 @@
+"""Every process of a run dies with the run.
+
+A training process starts helpers it never names: megatron-core's checkpoint writer forks a
+writer (and that one forks more), spawns a multiprocessing manager for the write results, and
+multiprocessing spawns its resource tracker. Nothing ties them to the trainer, so a SIGKILL of
+the trainer (or of the torchrun agent above it) used to leave them running for good, one of
+them holding the rendezvous port.
+
+The mechanism is the kernel's parent-death signal (``prctl(PR_SET_PDEATHSIG)``, Linux): a
+process asks for a signal when its parent exits, and the kernel delivers it however the parent
+died, SIGKILL included. No watchdog process or thread is needed, and nothing else in the run
+changes: :func:`tie_to_the_run` sets it for every process the trainer forks (an ``os.fork`` hook,
+inherited by grandchildren, so megatron-core's writers are covered without touching its code),
+for the trainer itself when torchrun started it (its agent is its parent), and
+:func:`die_with_parent` is the initializer of the manager the checkpoint code starts (a spawned
+process, which fork hooks never see). The resource tracker needs nothing: it exits once the
+last process holding its pipe is gone.
+
+Limits: the signal follows the parent *thread*, so a child forked from a thread other than the
+main one is left alone (that thread may end long before the process); a process that detaches
+on purpose by forking twice would be killed, and none in this stack does. On other systems
+nothing is set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_prctl = None  # libc's prctl, loaded before any fork (no dlopen in a freshly forked child)
+_fork_hook_installed = False
+_forking_pid: Optional[int] = None  # set just before a fork; read in the child
+_forking_from_main_thread = False
+
+
+def _load_prctl():
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+    return _prctl
+
+
+def die_with_parent(sig: int = signal.SIGKILL, parent: Optional[int] = None) -> bool:
+    """Has the kernel send ``sig`` to this process when its parent exits; False where that is
+    not available. ``parent`` is the parent's pid when the caller knows it: had the parent died
+    before this call, the signal comes at once (the kernel only watches from now on)."""
+    prctl = _load_prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _before_fork() -> None:
+    global _forking_pid, _forking_from_main_thread
+    _forking_pid = os.getpid()
+    _forking_from_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    if _forking_from_main_thread:
+        die_with_parent(signal.SIGKILL, _forking_pid)
+
+
+def forked_children_die_with_parent() -> None:
+    """From now on every process this one forks (and each of those forks) is SIGKILLed when its
+    parent dies. Helpers hold nothing that needs a clean stop: an interrupted checkpoint write
+    stays an incomplete ``NAME.tmp``. Idempotent."""
+    global _fork_hook_installed
+    if not _fork_hook_installed and _load_prctl() is not None:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun's agent started this process (it sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def tie_to_the_run() -> None:
+    """The first thing a training entry point does: its helpers die with it, and under
+    torchrun it dies with the agent. torchrun starts each worker in a session of its own, so a
+    SIGKILL of torchrun (or a ``kill -- -PGID`` of its group) never reaches the workers
+    otherwise. A process started from a shell is not tied to the shell: ``nohup`` and
+    closing the terminal keep working as before."""
+    forked_children_die_with_parent()
+    if under_torchrun():
+        die_with_parent(signal.SIGKILL)

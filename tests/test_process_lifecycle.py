@@ -1,0 +1,183 @@
+"""The processes of a run go when the run goes (issue 12, docs/operations.md).
+
+Each test starts the real entry point with a marker in its environment, which every process of
+the run inherits (megatron-core's checkpoint writers, its results manager, multiprocessing's
+resource tracker, torchrun's workers), kills a process of the run the way a user or the machine
+would, and then looks for any process carrying the marker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from distributed import (MARKER, REPO, marked_processes, run_env, torchrun_command,
+                         wait_until_none_marked)
+
+TINY = ["--recipe", "tiny", "data.kind=random"]
+GONE_WITHIN = 5.0  # seconds: "no process of the run survives for more than a few seconds"
+
+
+def start(cmd: list[str], token: str, log: Path, env_drop=()) -> subprocess.Popen:
+    env = {k: v for k, v in run_env(**{MARKER: token}).items() if k not in env_drop}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), start_new_session=True)
+
+
+def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, seconds: float = 180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = ready()
+        if result:
+            return result
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before {what}:\n"
+                        f"{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no {what} within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def saving(out: Path, token: str, helpers: int):
+    """True while a checkpoint is being written and at least ``helpers`` processes besides the
+    trainers (their writers and results managers) are up."""
+    def ready():
+        tmp = list((out / "checkpoints").glob("*.tmp")) if (out / "checkpoints").is_dir() else []
+        spawned = [c for c in marked_processes(token).values() if "multiprocessing" in c]
+        return tmp and len(spawned) >= helpers
+    return ready
+
+
+def test_sigkill_during_an_async_save_leaves_no_process(tmp_path):
+    """A trainer SIGKILLed while megatron-core writes a checkpoint in the background: its
+    results manager, resource tracker and writer used to run on for good."""
+    token, out, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "stderr"
+    proc = start([sys.executable, "pretrain_vlm.py", *TINY, "train.train_iters=1000",
+                  f"output_dir={out}", "checkpoint.save_interval=3",
+                  "checkpoint.async_save=true"], token, log)
+    try:
+        # The manager and the resource tracker (both spawned) are up: the save is under way.
+        wait_for("a checkpoint being written", saving(out, token, helpers=2), proc, log)
+        before = marked_processes(token)
+        proc.kill()
+        proc.wait()
+    finally:
+        left = wait_until_none_marked(token, GONE_WITHIN)
+    assert len(before) >= 3, before  # the trainer and its helpers were there to be killed
+    assert left == {}, f"left running {GONE_WITHIN} s after the trainer's SIGKILL: {left}"
+
+
+def test_sigkill_of_torchrun_during_a_save_leaves_no_process(tmp_path):
+    """torchrun's workers run in sessions of their own: a SIGKILL of torchrun (or of its
+    process group) used to leave both workers training, each with its helpers."""
+    token, out, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "stderr"
+    cmd = torchrun_command("pretrain_vlm.py", [*TINY, "train.train_iters=1000",
+                                               f"output_dir={out}", "checkpoint.save_interval=3"],
+                           nproc=2, module=False)
+    proc = start(cmd, token, log)
+    try:
+        wait_for("a checkpoint being written", saving(out, token, helpers=2), proc, log)
+        before = marked_processes(token)
+        proc.kill()
+        proc.wait()
+    finally:
+        left = wait_until_none_marked(token, GONE_WITHIN)
+    assert len(before) >= 5, before  # torchrun, two workers and their helpers
+    assert left == {}, f"left running {GONE_WITHIN} s after torchrun's SIGKILL: {left}"
+
+
+# A lone process as pretrain_vlm.py starts it, holding its process group until the other one
+# holds its own: the two certainly overlap (two real training runs only probably would).
+LONE_PROCESS = """
+import sys, time
+from pathlib import Path
+from megatron_vlm.logs import configure_logging
+from megatron_vlm.runtime.distributed import init_process_group_only, shutdown
+configure_logging()
+init_process_group_only(device="cpu")
+Path(sys.argv[1]).touch()
+deadline = time.monotonic() + 120
+while not Path(sys.argv[2]).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+shutdown()
+"""
+
+
+def test_two_single_process_runs_at_once_pick_their_own_ports(tmp_path):
+    """Without MASTER_PORT a lone process used the same fixed port every time: a second run on
+    the machine died with EADDRINUSE. Each now takes a free port and says which."""
+    procs, logs = [], []
+    token = uuid.uuid4().hex
+    try:
+        for me, other in (("a", "b"), ("b", "a")):
+            logs.append(tmp_path / f"{me}.stderr")
+            procs.append(start([sys.executable, "-c", LONE_PROCESS, str(tmp_path / me),
+                                str(tmp_path / other)], token, logs[-1],
+                               env_drop=("MASTER_PORT", "MASTER_ADDR")))
+        statuses = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        wait_until_none_marked(token, GONE_WITHIN)
+    texts = [log.read_text() for log in logs]
+    assert statuses == [0, 0], "\n\n".join(t[-2000:] for t in texts)
+    ports = [re.findall(r"MASTER_PORT not set; this process uses free port (\d+)", t)
+             for t in texts]
+    assert all(len(p) == 1 for p in ports), texts
+    assert ports[0] != ports[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_mid_step_ends_the_job_with_one_line(tmp_path):
+    """A dead rank used to end the job with about ninety lines of gloo tracebacks. Now the
+    surviving rank says which rank stopped and where, in one line, with the traceback in a
+    file, and every process of the job is gone. torchrun polls its workers every
+    ``--monitor-interval`` seconds and then stops the survivors: at its default (0.1 s) it may
+    stop rank 0 before gloo tells rank 0 anything (then torchrun's summary alone names the
+    dead rank); 5 s leaves the survivor the time to report."""
+    token, out, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "stderr"
+    cmd = torchrun_command("pretrain_vlm.py", [*TINY, "train.train_iters=100000",
+                                               f"output_dir={out}", "parallel.timeout_minutes=1"],
+                           nproc=2, module=False, launcher=["--monitor-interval", "5"])
+    proc = start(cmd, token, log)
+    try:
+        metrics = out / "metrics.jsonl"
+        wait_for("five training steps",
+                 lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5,
+                 proc, log)
+        rank1 = [pid for pid in marked_processes(token) if _rank_of(pid) == "1"]
+        assert len(rank1) == 1, rank1  # no helper yet: no checkpoint is saved
+        killed = time.monotonic()
+        os.kill(rank1[0], signal.SIGKILL)
+        status = proc.wait(timeout=60)  # parallel.timeout_minutes=1
+        took = time.monotonic() - killed
+    finally:
+        left = wait_until_none_marked(token, GONE_WITHIN)
+    stderr = log.read_text()
+    assert status != 0 and took < 60
+    assert left == {}, left
+    lines = [line for line in stderr.splitlines() if line.startswith("pretrain_vlm: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    details = out / "logs" / "rank0.err"
+    assert re.fullmatch(r"pretrain_vlm: error: rank 1 stopped: rank 0 lost its connection to "
+                        r"it during .+ after step \d+; details in " + re.escape(str(details)),
+                        lines[0]), lines[0]
+    assert "[rank0]:" not in stderr and "pair.cc" not in stderr  # no gloo traceback on screen
+    assert "Traceback" in details.read_text() and "gloo" in details.read_text()
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [item[5:].decode() for item in env if item.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
