@@ -12,7 +12,7 @@ died, SIGKILL included. No watchdog process or thread is needed, and nothing els
 changes: :func:`tie_to_the_run` sets it for every process the trainer forks (an ``os.fork`` hook,
 inherited by grandchildren, so megatron-core's writers are covered without touching its code),
 for the trainer itself when torchrun started it (its agent is its parent), and
-:func:`die_with_parent` is the initializer of the manager the checkpoint code starts (a spawned
+:func:`start_write_results_manager` starts megatron-core's results manager with it (a spawned
 process, which fork hooks never see). The resource tracker needs nothing: it exits once the
 last process holding its pipe is gone.
 
@@ -25,6 +25,7 @@ nothing is set.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -95,3 +96,37 @@ def tie_to_the_run() -> None:
     forked_children_die_with_parent()
     if under_torchrun():
         die_with_parent(signal.SIGKILL)
+
+
+def start_write_results_manager() -> None:
+    """Starts the process megatron-core's checkpoint writer collects its results in, tied to
+    this process; the checkpoint code calls it before each save.
+
+    megatron-core spawns a multiprocessing manager for them at the first save (sync or async)
+    and nothing ties it to its parent: a trainer killed during a save left it running for good
+    (about 300 MB each), and with it multiprocessing's resource tracker. Started here instead,
+    in the module global where megatron-core looks first, with :func:`die_with_parent` as its
+    initializer.
+    """
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # as megatron-core does
+    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+    filesystem_async._results_queue = manager.Queue()
+
+
+def stop_write_results_manager() -> None:
+    """Stops the write-results manager once a save is complete, so that it does not hold its
+    memory between saves; the next save starts a new one (about half a second)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    if queue is not None:
+        filesystem_async._results_queue = None

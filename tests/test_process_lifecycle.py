@@ -75,6 +75,39 @@ def test_sigkill_during_an_async_save_leaves_no_process(tmp_path):
     assert left == {}, f"left running {GONE_WITHIN} s after the trainer's SIGKILL: {left}"
 
 
+# A process that forks as megatron-core's checkpoint writer does (a multiprocessing "fork"
+# child, which forks its own workers), then waits; its children would outlive it forever.
+FORKS_WRITERS = """
+import multiprocessing, time
+from megatron_vlm.lifecycle import forked_children_die_with_parent
+
+def writer():
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+    worker.start()
+    time.sleep(600)
+
+forked_children_die_with_parent()
+multiprocessing.get_context("fork").Process(target=writer).start()
+time.sleep(600)
+"""
+
+
+def test_forked_helpers_and_their_children_die_with_the_trainer(tmp_path):
+    """megatron-core's background writer can hang after its trainer died (and keep the port
+    the trainer listened on); a tiny checkpoint's writer is done before that shows, so this
+    stands in for it."""
+    token, log = uuid.uuid4().hex, tmp_path / "stderr"
+    proc = start([sys.executable, "-c", FORKS_WRITERS], token, log)
+    try:
+        wait_for("the writer and its worker", lambda: len(marked_processes(token)) == 3, proc,
+                 log, seconds=60)
+        proc.kill()
+        proc.wait()
+    finally:
+        left = wait_until_none_marked(token, GONE_WITHIN)
+    assert left == {}, f"left running {GONE_WITHIN} s after their parent's SIGKILL: {left}"
+
+
 def test_sigkill_of_torchrun_during_a_save_leaves_no_process(tmp_path):
     """torchrun's workers run in sessions of their own: a SIGKILL of torchrun (or of its
     process group) used to leave both workers training, each with its helpers."""

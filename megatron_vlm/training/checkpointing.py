@@ -17,12 +17,10 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -35,7 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vlm.fsutil import fsync_dir, write_text_atomic
-from megatron_vlm.lifecycle import die_with_parent
+from megatron_vlm.lifecycle import start_write_results_manager, stop_write_results_manager
 from megatron_vlm.training.checkpoint_checks import check_checkpoint_files
 
 logger = logging.getLogger("megatron_vlm")
@@ -197,40 +195,6 @@ def _sharded_state(model, optimizer, with_optimizer: bool, rng: Optional[str], i
     return state
 
 
-def _start_write_results_manager() -> None:
-    """Starts the helper process megatron-core's checkpoint writer collects its results in,
-    tied to this process.
-
-    megatron-core spawns a multiprocessing manager for them at the first save (sync or async)
-    and nothing ties it to its parent: a trainer killed during a save left it running for good
-    (about 300 MB each), and with it multiprocessing's resource tracker. Started here instead,
-    in its module global where megatron-core looks first, with the parent-death signal as its
-    initializer (a spawned process: fork hooks never see it).
-    """
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None:
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # as megatron-core does
-    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
-    filesystem_async._results_queue = manager.Queue()
-
-
-def _shutdown_write_results_manager() -> None:
-    """Stops the write-results manager once a save is complete, so that it does not hold its
-    memory between saves; the next save starts a new one (about half a second)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = getattr(filesystem_async, "_results_queue", None)
-    manager = getattr(queue, "_manager", None)
-    if manager is not None:
-        manager.shutdown()
-    if queue is not None:
-        filesystem_async._results_queue = None
-
-
 class CheckpointWriter:
     """Writes checkpoints, synchronously or in the background (every rank must call each method
     in the same order).
@@ -275,10 +239,10 @@ class CheckpointWriter:
         # Serialized now: the caller may change its dicts while a background write runs.
         text = json.dumps(common, indent=1, sort_keys=True, default=str) + "\n"
         state = _sharded_state(model, optimizer, full, "current" if full else None, False)
-        _start_write_results_manager()
+        start_write_results_manager()
 
         def complete() -> None:  # on every rank, once every rank's data is on disk
-            _shutdown_write_results_manager()
+            stop_write_results_manager()
             _barrier()
             if is_rank0():
                 write_text_atomic(tmp / COMMON, text)
@@ -348,7 +312,7 @@ class CheckpointWriter:
                 call.async_caller.close(abort=abort)
             self._queue = None
         self._pending = []
-        _shutdown_write_results_manager()
+        stop_write_results_manager()
 
     def _complete(self, blocking: bool) -> list[Path]:
         if self._queue is None or not self._pending:
@@ -607,9 +571,9 @@ def save_model(model, directory: str | Path) -> None:
     """Saves the model's sharded state dict; every rank of the job must call this."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _start_write_results_manager()
+    start_write_results_manager()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
-    _shutdown_write_results_manager()
+    stop_write_results_manager()
 
 
 def load_model(model, directory: str | Path) -> None:
