@@ -154,7 +154,8 @@ def test_two_single_process_runs_at_once_pick_their_own_ports(tmp_path):
             logs.append(tmp_path / f"{me}.stderr")
             procs.append(start([sys.executable, "-c", LONE_PROCESS, str(tmp_path / me),
                                 str(tmp_path / other)], token, logs[-1],
-                               env_drop=("MASTER_PORT", "MASTER_ADDR")))
+                               env_drop=("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
+                                         "LOCAL_RANK")))
         statuses = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:

@@ -232,7 +232,11 @@ def describe_peer_failure(err: BaseException, last_step: Optional[int]) -> Optio
     if not isinstance(err, RuntimeError) or not dist.is_initialized():
         return None
     match = _PEER_GONE.search(str(err))
-    if match is None:
+    frames = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(err.__traceback__)]
+    # Raised by a collective (or megatron's wait on one), not by other code with such a text.
+    communicating = any(part in path for path in frames
+                        for part in ("torch/distributed/", "megatron/core/"))
+    if match is None or not communicating:
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 2:
@@ -240,7 +244,8 @@ def describe_peer_failure(err: BaseException, last_step: Optional[int]) -> Optio
     else:
         address = _PEER_ADDRESS.search(str(err))
         who = "a peer rank" + (f" ({address.group(1)}:{address.group(2)})" if address else "")
-    how = "timed out waiting for it" if "imed out" in match.group(0) else "lost its connection to it"
+    timed_out = "imed out" in match.group(0) or "Timeout" in match.group(0)
+    how = "timed out waiting for it" if timed_out else "lost its connection to it"
     where = _collective_in(err)
     when = f"after step {last_step}" if last_step is not None else "before the first step"
     return f"{who} stopped: rank {rank} {how} during {where} {when}"
