@@ -2,31 +2,63 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import traceback
+from pathlib import Path
 from typing import Callable
 
-# Errors that describe the user's input (a config key, a path, a shape); anything else is a
-# bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError)
+_PACKAGE = Path(__file__).resolve().parent
+_REPO = _PACKAGE.parent
+# Folders of the checkout whose files are the project's own code, beside the package.
+_SCRIPT_DIRS = (_REPO / "tools", _REPO / "bench")
+_RAISE = re.compile(r"^\s*(?:.*:\s*)?raise\b")
+SHOW_TRACEBACK_ENV = "MEGATRON_VLM_TRACEBACK"
+"""Set to 1 to see the traceback of every error, the one-line user errors included."""
+
+
+def _is_project_file(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return (path.is_relative_to(_PACKAGE) or any(path.is_relative_to(d) for d in _SCRIPT_DIRS)
+            or path.parent == _REPO)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` describes the user's input and is shown as one line.
+
+    A user error is a FileNotFoundError (it names the path), or a ValueError that the project
+    raised itself: the innermost frame is the project's own code, at a ``raise`` statement,
+    where the message names the file, record and field. A ValueError raised inside a library
+    (numpy's broadcasting, ``json``, ``int()`` on a field the project did not check) is a bug
+    of the project's, and keeps its traceback; so do the project's internal checks, which
+    raise RuntimeError.
+    """
+    if isinstance(err, FileNotFoundError):
+        return True
+    if not isinstance(err, ValueError) or err.__traceback__ is None:
+        return False
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return _is_project_file(frame.filename) and bool(_RAISE.match(frame.line or ""))
 
 
 def run_main(main: Callable[[], int], prog: str) -> None:
-    """Runs ``main`` and exits with its status; a user error, or an output that cannot be
-    written (:func:`megatron_vlm.fsutil.output_error_message`), prints ``prog: error: ...`` and
-    exits with status 2 (after tearing down any process group so peers don't hang)."""
+    """Runs ``main`` and exits with its status; a user error (:func:`is_user_error`), or an
+    output that cannot be written (:func:`megatron_vlm.fsutil.output_error_message`), prints
+    ``prog: error: ...`` and exits with status 2 (after tearing down any process group so peers
+    don't hang). ``MEGATRON_VLM_TRACEBACK=1`` shows their tracebacks too."""
+    from megatron_vlm.lifecycle import tie_to_the_run
+
+    tie_to_the_run()  # first: helpers (and torchrun's workers) die with the run
     try:
         status = main()
-    except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        _teardown_if_started()
-        sys.exit(2)
     except BaseException as err:  # megatron's failed checkpoint save is a BaseException
-        # An output the machine would not take (disk full, read-only, no permission) is one
-        # line naming the file; anything else keeps its traceback.
+        # A user error, or an output the machine would not take (disk full, read-only, no
+        # permission), is one line; anything else keeps its traceback.
         from megatron_vlm.fsutil import output_error_message
 
-        line = output_error_message(err)
-        if line is None:
+        line = str(err) if is_user_error(err) else output_error_message(err)
+        if line is None or os.environ.get(SHOW_TRACEBACK_ENV, "") not in ("", "0"):
             raise
         print(f"{prog}: error: {line}", file=sys.stderr)
         _teardown_if_started()
@@ -72,9 +104,6 @@ def run_training_entry(doc: str, prog: str, defaults=(), require_load: bool = Fa
     """The whole of pretrain_vlm.py / finetune_vlm.py: config from a YAML file or recipe plus
     ``key=value`` overrides, then the training loop. ``defaults`` (key=value) adjust a
     ``--recipe`` only; a YAML file is used as written."""
-    from megatron_vlm.lifecycle import tie_to_the_run
-
-    tie_to_the_run()  # first: helpers (and torchrun's workers) die with the run
 
     def main(argv=None) -> int:
         import argparse

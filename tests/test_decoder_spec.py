@@ -257,18 +257,18 @@ def test_packed_thd_padding_positions_are_zero_and_never_attended(runtime, causa
     assert torch.isfinite(out).all()
 
 
-def test_packed_thd_bad_arguments_are_clear_errors(runtime):
+def test_packed_thd_bad_arguments_are_internal_errors(runtime):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     attn = core_attention()
     q = torch.randn(5, HEADS, HEAD_DIM)
     cu = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match="qkv_format='thd'"):
+    with pytest.raises(RuntimeError, match="qkv_format='thd'"):
         attn(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu))
-    with pytest.raises(ValueError, match="attention_mask=None"):
+    with pytest.raises(RuntimeError, match="attention_mask=None"):
         attn(q, q, q, torch.zeros(1, 1, 5, 5, dtype=torch.bool),
              packed_seq_params=packed_params(cu))
-    with pytest.raises(ValueError, match="cu_seqlens_q is required"):
+    with pytest.raises(RuntimeError, match="cu_seqlens_q is required"):
         attn(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
 
 

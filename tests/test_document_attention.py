@@ -99,7 +99,7 @@ def test_packed_form_refuses_a_dense_mask(runtime):
     cfg = load_config("tiny", ["train.seq_length=64"])
     model = build_model(cfg, packed_documents=True)
     batch = _document_batch(cfg)
-    with pytest.raises(ValueError, match="ignores a dense attention_mask"):
+    with pytest.raises(RuntimeError, match="ignores a dense attention_mask"):
         model(tokens=batch["tokens"], labels=batch["labels"], image_mask=batch["image_mask"],
               image_embeddings=batch["image_embeddings"],
               attention_mask=attention_mask_from_segments(batch["segment_ids"]))

@@ -268,7 +268,7 @@ def test_mode_and_directory_kind_mismatches_stop_with_one_clear_error(world):
     with pytest.raises(ValueError, match=r"opened without the encoder config.*encoder=cfg"):
         open_sources(config(world, "img"), with_encoder=False)
     cfg = config(world, "emb", "model.encoder.mode=online")
-    with pytest.raises(ValueError, match="opened for model.encoder.mode=precomputed but the run "
+    with pytest.raises(RuntimeError, match="opened for model.encoder.mode=precomputed but the run "
                                          "has model.encoder.mode=online"):
         build_index(open_sources(cfg, with_encoder=False), cfg)
 

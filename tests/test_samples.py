@@ -103,7 +103,7 @@ def test_caption_errors():
         build_caption_sample([10], n_img=3, separator_id=SEP, eos_id=EOS, seq_length=4, pad_id=PAD)
     with pytest.raises(ValueError, match="fill='zeros'"):
         build_caption_sample([10], 1, SEP, EOS, 8, PAD, fill="zeros")
-    with pytest.raises(ValueError, match="text_tokens_iter"):
+    with pytest.raises(RuntimeError, match="text_tokens_iter"):
         build_caption_sample([10], 1, SEP, EOS, 8, PAD, fill="text")
 
 
@@ -276,7 +276,7 @@ def test_instruction_truncation_and_no_loss_flag():
 
 
 def test_instruction_errors():
-    with pytest.raises(ValueError, match="loss mask of 2"):
+    with pytest.raises(RuntimeError, match="loss mask of 2"):
         build_instruction_sample([5, 6, 7], [0, 1], 0, 8, PAD, EOS)
     with pytest.raises(ValueError, match="seq_length=4"):
         build_instruction_sample([5], [1], 4, 4, PAD, EOS)
@@ -388,11 +388,11 @@ def test_collate_text_only_and_errors():
     samples = mixed_samples()
     text_only = collate([samples[0], samples[2]])
     assert "image_embeddings" not in text_only and text_only["tokens"].shape == (2, 16)
-    with pytest.raises(ValueError, match="no embeddings_for"):
+    with pytest.raises(RuntimeError, match="no embeddings_for"):
         collate(samples)
     with pytest.raises(ValueError, match=r"image 'b' has shape \(2, 4\); expected \[3, d_enc\]"):
         collate(samples, lambda key: torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(RuntimeError, match="different lengths"):
         collate([samples[0], build_text_sample([1, 2, 3])])
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from megatron_vlm.cli import USER_ERRORS
+from megatron_vlm.cli import is_user_error
 from megatron_vlm.training.schedule import DECAY_STYLES, LRSchedule, ScheduleMetadata
 
 PROG = "plot-schedules"
@@ -458,7 +458,9 @@ def _entry() -> None:
     # process-group teardown, so a bad spec never imports torch or megatron.
     try:
         status = main()
-    except USER_ERRORS as err:
+    except (ValueError, FileNotFoundError) as err:
+        if not is_user_error(err):
+            raise
         print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status)

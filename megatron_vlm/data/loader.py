@@ -252,9 +252,9 @@ def build_index(sources: DataSources, cfg) -> BlendIndex:
     mode = cfg.model.encoder.mode
     if sources.has_image_sources and sources.encoder_mode != mode:
         # Opened without the encoder config: the batches would carry the wrong image kind.
-        raise ValueError(f"the data sources were opened for model.encoder.mode="
-                         f"{sources.encoder_mode} but the run has model.encoder.mode={mode}; "
-                         "open them with DataSources(..., encoder=cfg.model.encoder)")
+        raise RuntimeError(f"the data sources were opened for model.encoder.mode="
+                           f"{sources.encoder_mode} but the run has model.encoder.mode={mode}; "
+                           "open them with DataSources(..., encoder=cfg.model.encoder)")
     cache = data.cache_dir or str(Path(cfg.output_dir) / "blend_cache")
     kwargs = ({"total_tokens": data.total_tokens} if data.total_tokens is not None
               else {"total_tokens": None, "num_batches": train.train_iters})

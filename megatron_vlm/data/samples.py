@@ -215,7 +215,7 @@ def build_caption_sample(caption_tokens: Sequence[int], n_img: int, separator_id
     text_positions = 0
     if fill == "text":
         if text_tokens_iter is None:
-            raise ValueError('fill="text" needs text_tokens_iter')
+            raise RuntimeError('fill="text" needs text_tokens_iter')
         it: Iterator = iter(text_tokens_iter)
         pos, segment = n, 0
         while pos < seq_length:
@@ -255,8 +255,8 @@ def build_instruction_sample(conversation_tokens: Sequence[int], conversation_lo
     conv = _as_ids(conversation_tokens)
     target = np.asarray(conversation_loss_mask, dtype=np.float32).reshape(-1)
     if conv.size != target.size:
-        raise ValueError(f"conversation of {conv.size} tokens has a loss mask of {target.size} "
-                         f"(key {key!r})")
+        raise RuntimeError(f"conversation of {conv.size} tokens has a loss mask of {target.size} "
+                           f"(key {key!r})")
     if n_img < 0:
         raise ValueError(f"n_img={n_img} must be >= 0")
     _check_seq_length(seq_length, n_img + 1, f"an instruction sample with {n_img} image positions")
@@ -441,8 +441,8 @@ def _image_entries(samples: Sequence[Sample],
     if images is not None:
         rows_with_image = sum(s.has_image for s in samples)
         if images.dim() != 4 or images.shape[0] != rows_with_image or images.shape[1] != 3:
-            raise ValueError(f"images have shape {tuple(images.shape)}; expected "
-                             f"[{rows_with_image}, 3, S, S] (one per sample with an image)")
+            raise RuntimeError(f"images have shape {tuple(images.shape)}; expected "
+                               f"[{rows_with_image}, 3, S, S] (one per sample with an image)")
         return {"images": images} if rows_with_image else {}
     embeddings = []
     for row, s in enumerate(samples):
@@ -451,8 +451,8 @@ def _image_entries(samples: Sequence[Sample],
         emb = s.image_embedding
         if emb is None:
             if s.image_key is None or embeddings_for is None:
-                raise ValueError(f"row {row} (key {s.key!r}) has an image but no embedding and "
-                                 f"{'no image_key' if s.image_key is None else 'no embeddings_for'}")
+                raise RuntimeError(f"row {row} (key {s.key!r}) has an image but no embedding and "
+                                   f"{'no image_key' if s.image_key is None else 'no embeddings_for'}")
             emb = embeddings_for(s.image_key)
         emb = torch.as_tensor(emb)
         if emb.dim() != 2 or emb.shape[0] != s.num_image_positions:
@@ -481,10 +481,10 @@ def collate(samples: Sequence[Sample], embeddings_for: Optional[Callable[[str], 
     import torch
 
     if not samples:
-        raise ValueError("collate needs at least one sample")
+        raise RuntimeError("collate needs at least one sample")
     lengths = {s.seq_length for s in samples}
     if len(lengths) != 1:
-        raise ValueError(f"samples have different lengths {sorted(lengths)}")
+        raise RuntimeError(f"samples have different lengths {sorted(lengths)}")
     batch = {
         "tokens": torch.from_numpy(np.stack([s.tokens for s in samples]).astype(np.int64)),
         "labels": torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.int64)),

@@ -188,11 +188,11 @@ def packed_attention_mask(packed_seq_params: PackedSeqParams, total: int,
     """
     cu = packed_seq_params.cu_seqlens_q
     if cu is None:
-        raise ValueError("packed_seq_params.cu_seqlens_q is required for qkv_format='thd'")
+        raise RuntimeError("packed_seq_params.cu_seqlens_q is required for qkv_format='thd'")
     kv = packed_seq_params.cu_seqlens_kv
     if kv is not None and kv.shape != cu.shape:
-        raise ValueError("packed self-attention needs cu_seqlens_kv equal to cu_seqlens_q, got "
-                         f"shapes {tuple(kv.shape)} and {tuple(cu.shape)}")
+        raise RuntimeError("packed self-attention needs cu_seqlens_kv equal to cu_seqlens_q, got "
+                           f"shapes {tuple(kv.shape)} and {tuple(cu.shape)}")
     layout = cu if packed_seq_params.cu_seqlens_q_padded is None \
         else packed_seq_params.cu_seqlens_q_padded
     pos = torch.arange(total, device=cu.device, dtype=layout.dtype)
@@ -247,7 +247,7 @@ class SDPACoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if attention_bias is not None:
-            raise ValueError("SDPACoreAttention does not take an attention_bias")
+            raise RuntimeError("SDPACoreAttention does not take an attention_bias")
         if packed_seq_params is not None:
             return self._packed(query, key, value, attention_mask, mask_type, packed_seq_params)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
@@ -260,14 +260,14 @@ class SDPACoreAttention(MegatronModule):
 
     def _packed(self, query, key, value, attention_mask, mask_type, params: PackedSeqParams):
         if params.qkv_format != "thd":
-            raise ValueError("SDPACoreAttention takes packed_seq_params only with "
-                             f"qkv_format='thd', got {params.qkv_format!r}")
+            raise RuntimeError("SDPACoreAttention takes packed_seq_params only with "
+                               f"qkv_format='thd', got {params.qkv_format!r}")
         if attention_mask is not None:
-            raise ValueError("packed sequences (qkv_format='thd') take their document bounds "
-                             "from cu_seqlens; pass attention_mask=None")
+            raise RuntimeError("packed sequences (qkv_format='thd') take their document bounds "
+                               "from cu_seqlens; pass attention_mask=None")
         if query.dim() != 3:
-            raise ValueError("packed (thd) query must be [tokens, heads, head_dim], got "
-                             f"{tuple(query.shape)}")
+            raise RuntimeError("packed (thd) query must be [tokens, heads, head_dim], got "
+                               f"{tuple(query.shape)}")
         t = query.shape[0]
         allowed, valid = packed_attention_mask(params, t, mask_type in _CAUSAL_TYPES)
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]

@@ -206,7 +206,7 @@ class SiglipPatchEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"vision encoder expects images [b, 3, H, W]; got {tuple(images.shape)}")
+            raise RuntimeError(f"vision encoder expects images [b, 3, H, W]; got {tuple(images.shape)}")
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"vision encoder {self.name!r} expects {self.image_size[0]}x{self.image_size[1]} images "

@@ -77,8 +77,8 @@ class VLMModel(MegatronModule):
         """Projected image features [k, n_img, d_model], or None when the batch has no image."""
         if images is not None:
             if self.vision_encoder is None:
-                raise ValueError("batch has 'images' but model.encoder.mode is 'precomputed'; "
-                                 "give 'image_embeddings' or set model.encoder.mode=online")
+                raise RuntimeError("batch has 'images' but model.encoder.mode is 'precomputed'; "
+                                   "give 'image_embeddings' or set model.encoder.mode=online")
             image_embeddings = self.vision_encoder(images)
         if image_embeddings is None or image_embeddings.shape[0] == 0:
             return None
@@ -145,13 +145,13 @@ class VLMModel(MegatronModule):
                 runtime_gather_output = True
         packed = cu_seqlens is not None and self.packed_documents
         if attention_mask is not None and self.packed_documents:
-            raise ValueError("the Transformer Engine attention ignores a dense attention_mask; "
-                             "give document boundaries (segment_ids, cu_seqlens, max_seqlen) "
-                             "instead")
+            raise RuntimeError("the Transformer Engine attention ignores a dense attention_mask; "
+                               "give document boundaries (segment_ids, cu_seqlens, max_seqlen) "
+                               "instead")
         if cu_seqlens is not None and not packed:
             if segment_ids is None:
-                raise ValueError("a batch with cu_seqlens needs segment_ids for the dense "
-                                 "document mask")
+                raise RuntimeError("a batch with cu_seqlens needs segment_ids for the dense "
+                                   "document mask")
             attention_mask = attention_mask_from_segments(segment_ids)
         if position_ids is None and not packed:
             position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -162,7 +162,7 @@ class VLMModel(MegatronModule):
             decoder_input = self.embed(tokens, image_mask, image_embeddings, images)
         if packed:
             if max_seqlen is None:
-                raise ValueError("a batch with cu_seqlens needs max_seqlen (a Python int)")
+                raise RuntimeError("a batch with cu_seqlens needs max_seqlen (a Python int)")
             # [s, b, h] -> one packed sequence [b * s, 1, h] in row-major order, as cu_seqlens
             # counts it.
             if decoder_input is not None:
