@@ -56,21 +56,29 @@ def saving(out: Path, token: str, helpers: int):
     return ready
 
 
-def test_sigkill_during_an_async_save_leaves_no_process(tmp_path):
-    """A trainer SIGKILLed while megatron-core writes a checkpoint in the background: its
-    results manager, resource tracker and writer used to run on for good."""
-    token, out, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "stderr"
-    proc = start([sys.executable, "pretrain_vlm.py", *TINY, "train.train_iters=1000",
-                  f"output_dir={out}", "checkpoint.save_interval=3",
-                  "checkpoint.async_save=true"], token, log)
+def sigkill_while_saving(cmd, out, tmp_path):
+    """Starts ``cmd`` (a run writing to ``out``), SIGKILLs it once a checkpoint is being
+    written (the manager and the resource tracker, both spawned, are up) and returns the
+    processes of the run before the kill and those still running ``GONE_WITHIN`` s after."""
+    token, log = uuid.uuid4().hex, tmp_path / "stderr"
+    proc = start(cmd, token, log)
     try:
-        # The manager and the resource tracker (both spawned) are up: the save is under way.
         wait_for("a checkpoint being written", saving(out, token, helpers=2), proc, log)
         before = marked_processes(token)
         proc.kill()
         proc.wait()
     finally:
         left = wait_until_none_marked(token, GONE_WITHIN)
+    return before, left
+
+
+def test_sigkill_during_an_async_save_leaves_no_process(tmp_path):
+    """A trainer SIGKILLed while megatron-core writes a checkpoint in the background: its
+    results manager, resource tracker and writer used to run on for good."""
+    out = tmp_path / "run"
+    before, left = sigkill_while_saving(
+        [sys.executable, "pretrain_vlm.py", *TINY, "train.train_iters=1000", f"output_dir={out}",
+         "checkpoint.save_interval=3", "checkpoint.async_save=true"], out, tmp_path)
     assert len(before) >= 3, before  # the trainer and its helpers were there to be killed
     assert left == {}, f"left running {GONE_WITHIN} s after the trainer's SIGKILL: {left}"
 
@@ -111,18 +119,11 @@ def test_forked_helpers_and_their_children_die_with_the_trainer(tmp_path):
 def test_sigkill_of_torchrun_during_a_save_leaves_no_process(tmp_path):
     """torchrun's workers run in sessions of their own: a SIGKILL of torchrun (or of its
     process group) used to leave both workers training, each with its helpers."""
-    token, out, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "stderr"
-    cmd = torchrun_command("pretrain_vlm.py", [*TINY, "train.train_iters=1000",
-                                               f"output_dir={out}", "checkpoint.save_interval=3"],
-                           nproc=2, module=False)
-    proc = start(cmd, token, log)
-    try:
-        wait_for("a checkpoint being written", saving(out, token, helpers=2), proc, log)
-        before = marked_processes(token)
-        proc.kill()
-        proc.wait()
-    finally:
-        left = wait_until_none_marked(token, GONE_WITHIN)
+    out = tmp_path / "run"
+    before, left = sigkill_while_saving(
+        torchrun_command("pretrain_vlm.py", [*TINY, "train.train_iters=1000", f"output_dir={out}",
+                                             "checkpoint.save_interval=3"], nproc=2, module=False),
+        out, tmp_path)
     assert len(before) >= 5, before  # torchrun, two workers and their helpers
     assert left == {}, f"left running {GONE_WITHIN} s after torchrun's SIGKILL: {left}"
 
