@@ -19,7 +19,9 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -121,6 +123,15 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def track(items: Iterable[T], total: Optional[int], desc: str, unit: str = "it", *,
+          enabled: bool = True) -> Iterator[T]:
+    """``items``, shown as :class:`Progress` while they are consumed."""
+    with Progress(total, desc, unit, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 def quiet_third_party_bars() -> None:

@@ -122,6 +122,20 @@ def test_piped_progress_without_a_total_logs_every_interval(clock, caplog):
                                    "tokenize: 450 doc, 5.0 doc/s"]
 
 
+def test_tracked_items_all_pass_and_are_counted(clock, caplog):
+    from megatron_vlm.progress import track
+
+    def slow(n):
+        for i in range(n):
+            clock[0] += 1.0
+            yield i
+
+    with caplog.at_level(logging.INFO, logger="megatron_vlm"):
+        assert list(track(slow(400), 400, "captions", "rec")) == list(range(400))
+    assert piped_lines(caplog)[0] == "captions: 40/400 rec (10%), 1.0 rec/s"
+    assert len(piped_lines(caplog)) == 9
+
+
 def test_disabled_progress_says_nothing(clock, caplog, monkeypatch):
     from megatron_vlm.progress import Progress
 

@@ -193,11 +193,9 @@ class BlendIndex:
         max_err = np.zeros(k)
         worst = np.zeros(k, dtype=np.int64)
         b = start
-        bar = None
-        if progress:      # tqdm costs a tenth of a second to import: only when shown
-            from tqdm import tqdm
+        from megatron_vlm.progress import Progress
 
-            bar = tqdm(total=stop - start, desc="blend index: checking", unit="batch",
+        bar = Progress(stop - start, "blend index: checking", "batch", enabled=progress,
                        leave=False)
         for _, cum_tok, _ in self.sweep(start, stop):
             seen = cum_tok.sum(axis=1)
@@ -214,10 +212,8 @@ class BlendIndex:
                     f"{err[row, c]:.3f} tokens off its target after {b + 1 + row} global "
                     f"batches, beyond the proved bound {self.bounds[c]:.3f}; this is a bug")
             b += cum_tok.shape[0]
-            if bar is not None:
-                bar.update(cum_tok.shape[0])
-        if bar is not None:
-            bar.close()
+            bar.update(cum_tok.shape[0])
+        bar.close()
         return {"max_abs_error_tokens": max_err, "worst_batch": worst}
 
     def _materialize(self) -> dict[str, np.ndarray]:

@@ -157,7 +157,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
     Padding counts for nobody unless ``count_padding``, which makes every sequence count all
     ``seq_length`` positions for its source. ``rows`` (instruction shards) restricts the source
     to those records, in that order (e.g. leaving out conversations whose image is missing)."""
-    from tqdm import tqdm
+    from megatron_vlm.progress import track
 
     from megatron_vlm.data.image_shards import ImageDataset, open_image_store
     from megatron_vlm.data.instruction_shards import InstructionDataset
@@ -194,7 +194,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
         if eos_id is not None:
             ends_eos = np.fromiter(
                 (lengths[i] > 0 and int(ds.caption_tokens(i)[-1]) == eos_id
-                 for i in tqdm(range(len(ds)), desc=f"{name}: captions", disable=not progress)),
+                 for i in track(range(len(ds)), len(ds), f"{name}: captions", enabled=progress)),
                 dtype=bool, count=len(ds))
             lengths = lengths - ends_eos
         caption = np.minimum(lengths, L - n - 2)
@@ -210,7 +210,7 @@ def source_from_shards(name: str, kind: str, path: Union[str, Sequence[str]], se
         lengths = np.asarray(ds.lengths(), dtype=np.int64)
         images = np.zeros(count, dtype=np.int32)
         loss = np.zeros(count, dtype=np.int32)
-        for i in tqdm(range(count), desc=f"{name}: conversations", disable=not progress):
+        for i in track(range(count), count, f"{name}: conversations", enabled=progress):
             c = int(lengths[i])
             n = 0
             if ds.image_key(i) is not None:
