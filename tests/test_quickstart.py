@@ -11,10 +11,14 @@ import sys
 import pytest
 from distributed import REPO, free_port
 
-# What the shorter version (CI's) must show at least: its vision stable score with the images
-# minus with blank images was +0.058 here (the full quickstart's: +0.185); training on the CPU
-# is deterministic, so a run of the same code on a machine like this one gives the same figure.
-SHORT_MIN_DROP = 0.03
+# What the shorter version (CI's) must show: the images help. With 4 fine-tuning epochs it has
+# learned VQA from the images (0.654 with them, 0.531 with blank images, here) but not yet POPE
+# (0.487 both) and barely the boxes (about 0.05-0.07 either way), so its vision stable score moves
+# by only +0.034, and by how much depends on the data order (+0.058 with the blend index's earlier
+# shuffle). VQA's gain is what this run is long enough to show; the full quickstart shows the
+# whole stable score (docs/experiments.md). Training on the CPU is deterministic, so a run of
+# the same code on a machine like this one gives the same figures.
+SHORT_MIN_VQA_GAIN = 0.05
 
 
 def run(*args, timeout=600, cwd=REPO):
@@ -38,7 +42,10 @@ def test_paper_in_miniature_short_learns_from_images(tmp_path):
         r"vision stable score with images (-?[\d.]+), with blank images (-?[\d.]+): the images "
         r"are worth ([-+][\d.]+)", out).groups())
     assert abs(with_images - blank - drop) < 2e-3
-    assert drop >= SHORT_MIN_DROP, out[-3000:]
+    assert drop > 0, out[-3000:]
+    vqa_with, vqa_blank = map(float, re.search(
+        r"\| shapesworld_vqa \| ([\d.]+) \| ([\d.]+) \|", out).groups())
+    assert vqa_with - vqa_blank >= SHORT_MIN_VQA_GAIN, out[-3000:]
     root = tmp_path / "runs" / "quickstart_short"
     assert f"| **vision stable score** | {with_images:.3f} | {blank:.3f} |" in \
         (root / "results.md").read_text()
