@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import megatron_vlm.data.blend as blend
-from megatron_vlm.data.blend import BlendSource, build_blend_index
+import megatron_vlm.data.blend_order as blend_order
+import megatron_vlm.data.permutation as permutation
+from megatron_vlm.data.blend import BlendSource, build_blend_index, draw_epochs
 
 
 def nested_blend():
@@ -161,3 +163,50 @@ def test_the_papers_text_run_and_a_caption_blend_at_full_scale():
     np.testing.assert_array_equal(alone[0], in_order[0])
     np.testing.assert_array_equal(alone[1], in_order[1])
     assert 0 < int((alone[0] == 1).sum()) < B
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocked shuffles for variable-length sources of 1,000 sequences or more, in blocks of 64."""
+    monkeypatch.setattr(blend_order, "_SMALL_SOURCE", 1_000)
+    monkeypatch.setattr(permutation, "BLOCK", 64)
+
+
+def blocked_blend():
+    """A variable-length source of 3,001 sequences (blocked under ``small_blocks``) among a
+    constant-length one and a small variable-length one."""
+    rng = np.random.default_rng(12)
+    return ([BlendSource("text", 700, 64), BlendSource("cap", 3_001, rng.integers(1, 65, 3_001)),
+             BlendSource("short", 60, rng.integers(1, 9, 60))],
+            {"text": 0.6, "cap": 0.3, "short": 0.1})
+
+
+def test_a_source_shuffled_in_blocks_reads_the_same_from_anywhere(small_blocks):
+    sources, fr = blocked_blend()
+    index = build_blend_index(sources, fr, 1_000_000, 64, 12, seed=4)
+    leaf = index.order.leaves[1]
+    assert leaf.blocked and leaf.perm.block == 64 and not index.order.leaves[2].blocked
+    labels, samples = np.asarray(index.source_ids), np.asarray(index.sample_ids)
+    ids = samples[labels == 1]
+    assert ids.shape[0] > 2 * 3_001                                     # several epochs
+    np.testing.assert_array_equal(ids, draw_epochs(3_001, ids.shape[0], 4, "cap", variable=True))
+    # Tokens before a position: block totals in the epoch's order plus part of one block.
+    tokens = np.concatenate([[0], np.cumsum(sources[1].tokens_per_sequence[ids])])
+    rng = np.random.default_rng(0)
+    edges = [0, 1, 63, 64, 65, 3_000, 3_001, 3_002, 6_002, ids.shape[0]]
+    for j in np.concatenate([edges, rng.integers(0, ids.shape[0], 300)]):
+        assert leaf.before(int(j)) == tokens[j], j
+    # The state after any slot and any global batch, found by search in a fresh index.
+    counts = np.zeros((labels.shape[0] + 1, 3), dtype=np.int64)
+    for c in range(3):
+        counts[1:, c] = np.cumsum(labels == c)
+    fresh = build_blend_index(sources, fr, 1_000_000, 64, 12, seed=4)
+    for p in rng.integers(0, labels.shape[0] - 3, 150):
+        state, part = fresh.order.run(int(p), 3)
+        np.testing.assert_array_equal(state, counts[p], err_msg=f"slot {p}")
+        np.testing.assert_array_equal(part[0], labels[p:p + 3])
+    B = index.global_batch_size
+    for i in rng.permutation(index.num_batches)[:100]:
+        s, m = fresh.batch(int(i))
+        np.testing.assert_array_equal(s, labels[i * B:(i + 1) * B])
+        np.testing.assert_array_equal(m, samples[i * B:(i + 1) * B])

@@ -43,13 +43,13 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from megatron_vlm.data.blend_cache import cache_key, cache_path_for, read_cache, save_index
-from megatron_vlm.data.blend_order import BlendOrder
+from megatron_vlm.data.blend_order import BlendOrder, source_permutation
 from megatron_vlm.data.blend_sources import (FRACTION_SUM_TOLERANCE, SHARD_KINDS, BlendSource,
                                              PerSequence, normalized_fractions,
                                              source_from_shards)
 from megatron_vlm.data.blend_trees import (Tree, choose_merge_tree, choose_merge_trees,
                                            format_tree, tree_error_bounds)
-from megatron_vlm.data.permutation import KeyedPermutation, endless_order
+from megatron_vlm.data.permutation import endless_order
 
 __all__ = ["BlendIndex", "BlendSource", "FORMAT_VERSION", "FRACTION_SUM_TOLERANCE", "SHARD_KINDS",
            "build_blend_index", "cache_key", "choose_merge_tree", "choose_merge_trees",
@@ -58,7 +58,7 @@ __all__ = ["BlendIndex", "BlendSource", "FORMAT_VERSION", "FRACTION_SUM_TOLERANC
 
 logger = logging.getLogger("megatron_vlm.data.blend")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever the index produced for the same inputs changes; part of the cache key."""
 
 _TREES_TO_TRY = 4              # next-best merge trees tried if a 5+ source blend misses the bound
@@ -69,11 +69,12 @@ _MATERIALIZE_MAX = 1 << 28     # most sequences the whole-run arrays may hold
 
 
 def draw_epochs(num_sequences: int, count: int, seed: int, name: str,
-                dtype: np.dtype = np.dtype(np.int32)) -> np.ndarray:
+                dtype: np.dtype = np.dtype(np.int32), *, variable: bool = False) -> np.ndarray:
     """The first ``count`` sample ids of a source's endless order: epoch after epoch, each a
-    keyed permutation of ``range(num_sequences)`` seeded by (seed, source name, epoch). The ids
-    of a shorter draw are a prefix of a longer one's."""
-    perm = KeyedPermutation(num_sequences, seed, name)
+    keyed permutation of ``range(num_sequences)`` seeded by (seed, source name, epoch); a large
+    source of ``variable`` lengths is shuffled in blocks (docs/blend.md). The ids of a shorter
+    draw are a prefix of a longer one's."""
+    perm = source_permutation(num_sequences, seed, name, variable)
     return endless_order(perm, np.arange(count, dtype=np.int64)).astype(dtype)
 
 
@@ -270,7 +271,7 @@ def _drawn_total(per_seq: Optional[PerSequence], index: BlendIndex, c: int, coun
     whole, rest = divmod(count, leaf.n)
     total = whole * int(per_seq.sum(dtype=np.int64))
     if rest:
-        total += int(per_seq[leaf.epoch(whole, rest)[0][:rest]].sum(dtype=np.int64))
+        total += int(per_seq[leaf.ids(whole * leaf.n + np.arange(rest))].sum(dtype=np.int64))
     return total
 
 

@@ -18,8 +18,10 @@ how much smaller) followed by a short local merge. A few secant steps on theta l
 ``p``; a local merge covers the rest. All of it is exact integer or float64 work that repeats
 the same divisions as the merge itself, so the state equals that of the materialised order.
 
-Variable-length sources need each epoch's prefix sums (one array the size of the source); a few
-epochs are cached, so reading the run in order computes each epoch once.
+Variable-length sources need prefix sums of their epochs. A small one's epoch is an exact
+permutation whose prefix sums (one array the size of the source) are cached for a few epochs; a
+large one (``_SMALL_SOURCE`` sequences or more) is shuffled in blocks (permutation.py,
+BlockedPermutation), so a lookup sums block totals and one block, whatever the epoch.
 """
 
 from __future__ import annotations
@@ -33,12 +35,32 @@ import numpy as np
 
 from megatron_vlm.data.blend_sources import BlendSource
 from megatron_vlm.data.blend_trees import Tree, tree_leaves
-from megatron_vlm.data.permutation import KeyedPermutation, endless_order
+from megatron_vlm.data.permutation import BlockedPermutation, KeyedPermutation, endless_order
 
 _EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs (permutation + prefix sums)
 _EPOCH_CACHE_ENTRIES = 64       # ... and at most this many of them (tiny sources, many epochs)
 _SMALL_SOURCE = 1 << 16        # smaller sources read spans of several epochs in one pass
 _LANDING_GAP = 256              # state_at lands at most this many slots before the target
+
+
+def source_permutation(n: int, seed: int, name: str, variable: bool):
+    """A source's per-epoch shuffle: a keyed permutation of the whole source, or for a large
+    variable-length source a blocked one, whose prefix sums a lookup reaches in
+    O(n / block + block) (docs/blend.md, "Variable-length sources")."""
+    if variable and n >= _SMALL_SOURCE:
+        return BlockedPermutation(n, seed, name)
+    return KeyedPermutation(n, seed, name)
+
+
+def _count_in(prefix: np.ndarray, z: int) -> int:
+    """How many leading sequences of a stretch with prefix sums ``prefix`` (from 0) have a
+    doubled midpoint ``prefix[r] + prefix[r + 1] <= z``; its last sequence ends beyond ``z / 2``
+    unless all of them count."""
+    # 2 P[r] < midpoint(r) < 2 P[r + 1]: every r with 2 P[r + 1] <= z counts, then maybe one.
+    a = int(np.searchsorted(prefix[1:], z // 2, side="right"))
+    if a < prefix.shape[0] - 1 and int(prefix[a]) + int(prefix[a + 1]) <= z:
+        a += 1
+    return a
 
 
 class Leaf:
@@ -48,15 +70,21 @@ class Leaf:
         self.c = c
         self.leaves = [c]
         self.n = source.num_sequences
-        self.perm = KeyedPermutation(self.n, seed, source.name)
         tps = source.tokens_per_sequence
         self.constant: Optional[int] = tps if isinstance(tps, int) else None
         self.tps = None if isinstance(tps, int) else tps
+        self.perm = source_permutation(self.n, seed, source.name, self.tps is not None)
+        self.blocked = isinstance(self.perm, BlockedPermutation)
+        # read() leaves ids to fill_ids (-1) for constant lengths and blocked shuffles.
+        self.lazy_ids = self.constant is not None or self.blocked
+        self._block_tokens: Optional[np.ndarray] = None     # blocked: tokens per block
         self.epoch_tokens = source.epoch_tokens
         self.max_tokens = source.max_tokens
         self.mean_tokens = source.mean_tokens
-        # Per epoch, the permutation and prefix sums of its first positions (grown on demand).
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # Exact shuffle: per epoch, the permutation and prefix sums of its first positions
+        # (grown on demand). Blocked: per epoch the prefix sums of its blocks' tokens, and per
+        # (epoch, slot) one block's members and prefix sums.
+        self._epochs: OrderedDict = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
@@ -69,18 +97,51 @@ class Leaf:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def _cached(self, key):
+        with self._lock:
+            got = self._epochs.get(key)
+            if got is not None:
+                self._epochs.move_to_end(key)
+            return got
+
+    def _cache(self, key, arrays: tuple[np.ndarray, ...]) -> None:
+        with self._lock:
+            old = self._epochs.pop(key, None)
+            if old is not None:
+                self._cached_bytes -= sum(a.nbytes for a in old)
+            self._epochs[key] = arrays
+            self._cached_bytes += sum(a.nbytes for a in arrays)
+            while len(self._epochs) > 1 and (self._cached_bytes > _EPOCH_CACHE_BYTES
+                                             or len(self._epochs) > _EPOCH_CACHE_ENTRIES):
+                _, dropped = self._epochs.popitem(last=False)
+                self._cached_bytes -= sum(a.nbytes for a in dropped)
+
     def ids(self, j: np.ndarray) -> np.ndarray:
         """Sample ids of stream positions ``j``."""
+        if self.blocked:
+            return self.perm.base_ids()[self._base_positions(j)].astype(np.int64)
         return endless_order(self.perm, j)
 
+    def _base_positions(self, j: np.ndarray) -> np.ndarray:
+        """Blocked shuffle: base positions of stream positions ``j``, from the cached blocks
+        (what ``self.perm`` computes, without evaluating networks for every lookup)."""
+        j = np.asarray(j, dtype=np.int64)
+        out = np.empty(j.shape[0], dtype=np.int64)
+        epochs, offsets = np.divmod(j, self.n)
+        for e in np.unique(epochs):
+            in_e = np.flatnonzero(epochs == e)
+            starts = self.blocks(int(e))[0]
+            slots = np.searchsorted(starts, offsets[in_e], side="right") - 1
+            for slot in np.unique(slots):
+                mine = in_e[slots == slot]
+                out[mine] = self.block(int(e), int(slot))[0][offsets[mine] - starts[slot]]
+        return out
+
     def epoch(self, e: int, upto: int) -> tuple[np.ndarray, np.ndarray]:
-        """Epoch ``e``'s permutation and prefix sums (variable lengths; ``[0]`` otherwise) over
-        at least its first ``upto`` positions. Reading an epoch from its start costs only what
-        is read; the grown arrays of a few epochs are cached."""
-        with self._lock:
-            perm, prefix = self._epochs.get(e, (np.zeros(0, np.int32), np.zeros(1, np.int64)))
-            if e in self._epochs:
-                self._epochs.move_to_end(e)
+        """Exact shuffle: epoch ``e``'s permutation and prefix sums (variable lengths; ``[0]``
+        otherwise) over at least its first ``upto`` positions. Reading an epoch from its start
+        costs only what is read; the grown arrays of a few epochs are cached."""
+        perm, prefix = self._cached(e) or (np.zeros(0, np.int32), np.zeros(1, np.int64))
         have = perm.shape[0]
         if have >= upto:
             return perm, prefix
@@ -92,24 +153,46 @@ class Leaf:
             more = np.cumsum(self.tps[new], dtype=np.int64)
             more += prefix[-1]
             prefix = np.concatenate([prefix, more])
-        with self._lock:
-            old = self._epochs.pop(e, None)
-            if old is not None:
-                self._cached_bytes -= old[0].nbytes + old[1].nbytes
-            self._epochs[e] = (perm, prefix)
-            self._cached_bytes += perm.nbytes + prefix.nbytes
-            while len(self._epochs) > 1 and (self._cached_bytes > _EPOCH_CACHE_BYTES
-                                             or len(self._epochs) > _EPOCH_CACHE_ENTRIES):
-                _, (p, s) = self._epochs.popitem(last=False)
-                self._cached_bytes -= p.nbytes + s.nbytes
+        self._cache(e, (perm, prefix))
         return perm, prefix
 
+    def blocks(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocked shuffle: the epoch position each block of epoch ``e`` starts at and the
+        tokens before it, in visiting order (``num_blocks + 1`` entries each)."""
+        got = self._cached(("blocks", e))
+        if got is not None:
+            return got
+        if self._block_tokens is None:      # once per source: O(n), n / block int64s kept
+            tokens = self.tps[self.perm.base_ids()].astype(np.int64)
+            self._block_tokens = np.add.reduceat(tokens, np.arange(0, self.n, self.perm.block))
+        order, starts = self.perm.layout(e)
+        before = np.zeros(order.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self._block_tokens[order], out=before[1:])
+        self._cache(("blocks", e), (starts, before))
+        return starts, before
+
+    def block(self, e: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocked shuffle: the base positions and prefix sums (from 0) of epoch ``e``'s
+        ``slot``-th block (after :meth:`blocks` of that epoch)."""
+        got = self._cached((e, slot))
+        if got is None:
+            positions = self.perm.block_positions(e, slot)
+            prefix = np.zeros(positions.shape[0] + 1, dtype=np.int64)
+            np.cumsum(self.tps[self.perm.base_ids()[positions]], out=prefix[1:])
+            got = (positions, prefix)
+            self._cache((e, slot), got)
+        return got
+
     def read(self, j0: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, sample ids) of stream positions ``j0 .. j0 + count - 1``; ids are -1 for a
-        constant-length source (computed only where needed, by :meth:`ids`)."""
+        """(tokens, sample ids) of stream positions ``j0 .. j0 + count - 1``; ids are -1 where
+        ``lazy_ids`` (computed only where needed, by :meth:`ids`)."""
         if self.constant is not None:
             return (np.full(count, self.constant, dtype=np.int64),
                     np.full(count, -1, dtype=np.int64))
+        if self.blocked:
+            # Ids only for the elements a batch keeps (fill_ids): the merge reads past them.
+            ids = self.perm.base_ids()[self._base_positions(j0 + np.arange(count, dtype=np.int64))]
+            return self.tps[ids].astype(np.int64), np.full(count, -1, dtype=np.int64)
         if count > self.n and self.n < _SMALL_SOURCE:
             # Many epochs of a small source at once: every position with its own epoch's keys.
             ids = self.ids(j0 + np.arange(count, dtype=np.int64))
@@ -131,7 +214,14 @@ class Leaf:
         if self.constant is not None:
             return j * self.constant
         e, r = divmod(j, self.n)
-        return e * self.epoch_tokens + int(self.epoch(e, r)[1][r])
+        if not self.blocked:
+            return e * self.epoch_tokens + int(self.epoch(e, r)[1][r])
+        starts, before = self.blocks(e)
+        slot = int(np.searchsorted(starts, r, side="right")) - 1
+        if slot == starts.shape[0] - 1:      # r == n: the whole epoch
+            return (e + 1) * self.epoch_tokens
+        inside = int(self.block(e, slot)[1][r - int(starts[slot])])
+        return e * self.epoch_tokens + int(before[slot]) + inside
 
     def count_mid2(self, y: int) -> int:
         """How many sequences have a doubled midpoint ``2 * before(j) + tokens(j) <= y``."""
@@ -141,6 +231,13 @@ class Leaf:
             return (y // self.constant + 1) // 2          # (2j + 1) t <= y
         # Doubled midpoints of epoch e lie strictly between 2 e E and 2 (e + 1) E.
         e, z = divmod(y, 2 * self.epoch_tokens)
+        if self.blocked:
+            # A block's doubled midpoints lie between twice its first and last prefix sums:
+            # count the blocks that end by z / 2, then inside the next one (there is one: z < 2E).
+            starts, before = self.blocks(e)
+            slot = int(np.searchsorted(before[1:], z // 2, side="right"))
+            inside = _count_in(self.block(e, slot)[1], z - 2 * int(before[slot]))
+            return e * self.n + int(starts[slot]) + inside
         upto = min(self.n, int(z / (2 * self.mean_tokens) * 1.05) + 1024)
         while True:
             prefix = self.epoch(e, upto)[1]
@@ -149,11 +246,7 @@ class Leaf:
             if have == self.n or 2 * int(prefix[have]) > z:
                 break
             upto = min(self.n, 2 * have)
-        # 2 P[r] < midpoint(r) < 2 P[r + 1]: every r with 2 P[r + 1] <= z counts, then maybe one.
-        a = int(np.searchsorted(prefix[1:], z // 2, side="right"))
-        if a < have and int(prefix[a]) + int(prefix[a + 1]) <= z:
-            a += 1
-        return e * self.n + a
+        return e * self.n + _count_in(prefix, z)
 
 
 class Node:
@@ -213,7 +306,7 @@ class BlendOrder:
     def advance(self, node: Union[Node, Leaf], state: np.ndarray, count: int) -> Part:
         """The next ``count`` elements of ``node``'s stream after ``state``: per element its
         source, its position in that source's stream, its tokens and its sample id (-1 where
-        the source has constant lengths; see :meth:`fill_ids`)."""
+        the source's ``lazy_ids``; see :meth:`fill_ids`)."""
         if isinstance(node, Leaf):
             j0 = int(state[node.c])
             tokens, ids = node.read(j0, count)
@@ -322,9 +415,10 @@ class BlendOrder:
         """Sample ids of a part, computing those of constant-length sources."""
         labels, j, _, ids = part
         ids = ids.copy()
-        # Variable-length sources carry their ids already; constant-length ones get them here.
+        # Exactly shuffled variable-length sources carry their ids already; the others get
+        # them here, for the kept elements only.
         for c, leaf in enumerate(self.leaves):
-            if leaf.constant is not None:
+            if leaf.lazy_ids:
                 mask = labels == c
                 if mask.any():
                     ids[mask] = leaf.ids(j[mask])
