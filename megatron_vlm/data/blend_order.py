@@ -38,7 +38,7 @@ from megatron_vlm.data.blend_trees import Tree, tree_leaves
 from megatron_vlm.data.permutation import BlockedPermutation, KeyedPermutation, endless_order
 
 _EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs (permutation + prefix sums)
-_EPOCH_CACHE_ENTRIES = 64       # ... and at most this many of them (tiny sources, many epochs)
+_EPOCH_CACHE_ENTRIES = 256      # ... and at most this many of them (tiny sources, many epochs)
 _SMALL_SOURCE = 1 << 16        # smaller sources read spans of several epochs in one pass
 _LANDING_GAP = 256              # state_at lands at most this many slots before the target
 
@@ -61,6 +61,17 @@ def _count_in(prefix: np.ndarray, z: int) -> int:
     if a < prefix.shape[0] - 1 and int(prefix[a]) + int(prefix[a + 1]) <= z:
         a += 1
     return a
+
+
+def _groups(values: np.ndarray) -> list:
+    """(value, where) for each distinct value; one slice when all are equal, as they mostly
+    are (a lookup rarely crosses a block)."""
+    if values.shape[0] == 0:
+        return []
+    first = values[0]
+    if (values == first).all():
+        return [(int(first), slice(None))]
+    return [(int(v), np.flatnonzero(values == v)) for v in np.unique(values)]
 
 
 class Leaf:
@@ -125,16 +136,16 @@ class Leaf:
     def _base_positions(self, j: np.ndarray) -> np.ndarray:
         """Blocked shuffle: base positions of stream positions ``j``, from the cached blocks
         (what ``self.perm`` computes, without evaluating networks for every lookup)."""
-        j = np.asarray(j, dtype=np.int64)
-        out = np.empty(j.shape[0], dtype=np.int64)
-        epochs, offsets = np.divmod(j, self.n)
-        for e in np.unique(epochs):
-            in_e = np.flatnonzero(epochs == e)
-            starts = self.blocks(int(e))[0]
-            slots = np.searchsorted(starts, offsets[in_e], side="right") - 1
-            for slot in np.unique(slots):
-                mine = in_e[slots == slot]
-                out[mine] = self.block(int(e), int(slot))[0][offsets[mine] - starts[slot]]
+        epochs, offsets = np.divmod(np.asarray(j, dtype=np.int64), self.n)
+        out = np.empty(epochs.shape[0], dtype=np.int64)
+        for e, in_e in _groups(epochs):
+            starts = self.blocks(e)[0]
+            r = offsets[in_e]
+            found = np.empty(r.shape[0], dtype=np.int64)
+            slots = np.searchsorted(starts, r, side="right") - 1
+            for slot, in_slot in _groups(slots):
+                found[in_slot] = self.block(e, slot)[0][r[in_slot] - starts[slot]]
+            out[in_e] = found
         return out
 
     def epoch(self, e: int, upto: int) -> tuple[np.ndarray, np.ndarray]:
