@@ -207,10 +207,12 @@ class BlockedPermutation:
     def block_positions(self, epoch: int, slot: int) -> np.ndarray:
         """Base positions of the block visited ``slot``-th in epoch ``epoch``, in visiting order
         (the sequence ids are ``base_ids()[positions]``)."""
-        order, starts = self.layout(epoch)
-        size = int(starts[slot + 1] - starts[slot])
-        k = np.full(size, order[slot], dtype=np.int64)
-        return self._in_block(k, np.arange(size, dtype=np.int64), epoch)
+        k = int(self.layout(epoch)[0][slot])
+        # What _in_block computes, with one key for the whole block.
+        inner = self.inner_last if k == self.num_blocks - 1 else self.inner
+        within = inner(np.arange(inner.n, dtype=np.int64), epoch * self.num_blocks + k)
+        within += k * self.block
+        return within
 
     def __call__(self, positions: np.ndarray, epoch: Epochs) -> np.ndarray:
         pos = np.asarray(positions, dtype=np.int64)
