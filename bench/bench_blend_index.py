@@ -23,7 +23,7 @@ Every build runs in a fresh subprocess, which reports its build seconds and peak
 the source arrays). megatron's helper is loaded straight from its ``.so`` so its process imports
 numpy only, as ours does; after its measurement the worker also reports the token fractions its
 per-sample weights give with the 28b case's sequence lengths. Fetch times are per global batch: ``random`` over the whole run (a
-variable-length source then reads a new epoch's prefix sums), ``warm`` over random batches of
+large variable-length source then computes a few blocks of a new epoch), ``warm`` over random batches of
 the last 2000 (epochs already read), ``sequential`` reading on as the loader does.
 """
 
