@@ -22,9 +22,10 @@ Every build runs in a fresh subprocess, which reports its build seconds and peak
 (``ru_maxrss``; ``rss_before`` is the same figure just before the build: interpreter, numpy and
 the source arrays). megatron's helper is loaded straight from its ``.so`` so its process imports
 numpy only, as ours does; after its measurement the worker also reports the token fractions its
-per-sample weights give with the 28b case's sequence lengths. Fetch times are per global batch: ``random`` over the whole run (a
-large variable-length source then computes a few blocks of a new epoch), ``warm`` over random batches of
-the last 2000 (epochs already read), ``sequential`` reading on as the loader does.
+per-sample weights give with the 28b case's sequence lengths. Fetch times are per global batch:
+``random`` over the whole run (a large variable-length source then computes a few blocks of a
+new epoch), ``warm`` over random batches of the last 2000 (epochs already read),
+``sequential`` reading on as the loader does.
 """
 
 from __future__ import annotations

@@ -389,7 +389,8 @@ def test_exact_ratios_with_a_large_caption_source_shuffled_in_blocks(monkeypatch
     monkeypatch.setattr(blend_order, "_SMALL_SOURCE", 1_000)
     monkeypatch.setattr(permutation, "BLOCK", 64)
     rng = np.random.default_rng(21)
-    sources = [BlendSource("text", 500, 128), BlendSource("cap", 2_503, rng.integers(20, 129, 2_503)),
+    sources = [BlendSource("text", 500, 128),
+               BlendSource("cap", 2_503, rng.integers(20, 129, 2_503)),
                BlendSource("ins", 1_200, rng.integers(1, 129, 1_200))]
     fr = {"text": 0.5, "cap": 0.3, "ins": 0.2}
     index = build_blend_index(sources, fr, 1_500_000, 128, 16, seed=7)

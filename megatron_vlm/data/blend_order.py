@@ -37,7 +37,7 @@ from megatron_vlm.data.blend_sources import BlendSource
 from megatron_vlm.data.blend_trees import Tree, tree_leaves
 from megatron_vlm.data.permutation import BlockedPermutation, KeyedPermutation, endless_order
 
-_EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs (permutation + prefix sums)
+_EPOCH_CACHE_BYTES = 128 << 20  # per source: cached epochs, or blocks and block totals
 _EPOCH_CACHE_ENTRIES = 256      # ... and at most this many of them (tiny sources, many epochs)
 _SMALL_SOURCE = 1 << 16        # smaller sources read spans of several epochs in one pass
 _LANDING_GAP = 256              # state_at lands at most this many slots before the target
