@@ -390,13 +390,17 @@ def test_exact_ratios_with_a_large_caption_source_shuffled_in_blocks(monkeypatch
     monkeypatch.setattr(permutation, "BLOCK", 64)
     rng = np.random.default_rng(21)
     sources = [BlendSource("text", 500, 128),
-               BlendSource("cap", 2_503, rng.integers(20, 129, 2_503)),
+               BlendSource("cap", 2_503, rng.integers(20, 129, 2_503),
+                           loss_tokens=rng.integers(1, 20, 2_503)),
                BlendSource("ins", 1_200, rng.integers(1, 129, 1_200))]
     fr = {"text": 0.5, "cap": 0.3, "ins": 0.2}
     index = build_blend_index(sources, fr, 1_500_000, 128, 16, seed=7)
     assert [lf.blocked for lf in index.order.leaves] == [False, True, True]
-    assert index.summary()["sources"][1]["whole_epochs"] >= 2
+    summary = index.summary()["sources"][1]
+    assert summary["whole_epochs"] >= 2
     check_index(index, sources, fr, 128, 16, budget=1_500_000)
+    drawn = np.asarray(index.sample_ids)[np.asarray(index.source_ids) == 1]
+    assert summary["loss_tokens"] == int(sources[1].loss_tokens[drawn].sum())
 
 
 def test_an_index_of_small_sources_is_the_same_as_before_blocked_shuffles():

@@ -71,7 +71,11 @@ def _groups(values: np.ndarray) -> list:
     first = values[0]
     if (values == first).all():
         return [(int(first), slice(None))]
-    return [(int(v), np.flatnonzero(values == v)) for v in np.unique(values)]
+    # Sorted once, so that many groups (a whole epoch's blocks) cost O(n log n), not O(n) each.
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1), values.shape[0]]
+    return [(int(ordered[a]), order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 class Leaf:
