@@ -16,7 +16,7 @@ from distributed import REPO, free_port
 # (0.487 both) and barely the boxes (about 0.05-0.07 either way), so its vision stable score moves
 # by only +0.034, and by how much depends on the data order (+0.058 with the blend index's earlier
 # shuffle). VQA's gain is what this run is long enough to show; the full quickstart shows the
-# whole stable score (docs/experiments.md). Training on the CPU is deterministic, so a run of
+# whole stable score (examples/quickstart/README.md). Training on the CPU is deterministic, so a run of
 # the same code on a machine like this one gives the same figures.
 SHORT_MIN_VQA_GAIN = 0.05
 
