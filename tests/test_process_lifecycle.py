@@ -26,8 +26,13 @@ TINY = ["--recipe", "tiny", "data.kind=random"]
 GONE_WITHIN = 5.0  # seconds: "no process of the run survives for more than a few seconds"
 
 
-def start(cmd: list[str], token: str, log: Path, env_drop=()) -> subprocess.Popen:
-    env = {k: v for k, v in run_env(**{MARKER: token}).items() if k not in env_drop}
+# What a launcher sets: a lone process must not inherit them from this one (its MASTER_PORT is
+# held by the in-process runtime of other tests), and torchrun sets its own.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def start(cmd: list[str], token: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in run_env(**{MARKER: token}).items() if k not in LAUNCHER_VARS}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"), start_new_session=True)
 
@@ -154,9 +159,7 @@ def test_two_single_process_runs_at_once_pick_their_own_ports(tmp_path):
         for me, other in (("a", "b"), ("b", "a")):
             logs.append(tmp_path / f"{me}.stderr")
             procs.append(start([sys.executable, "-c", LONE_PROCESS, str(tmp_path / me),
-                                str(tmp_path / other)], token, logs[-1],
-                               env_drop=("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
-                                         "LOCAL_RANK")))
+                                str(tmp_path / other)], token, logs[-1]))
         statuses = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:

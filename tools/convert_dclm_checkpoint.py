@@ -26,8 +26,6 @@ See docs/convert.md.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 PROG = "convert_dclm_checkpoint"
 
@@ -81,19 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_vlm.logs import configure_logging
 
     configure_logging()
-    if "RANK" not in os.environ:  # one process: any free port will do
-        os.environ.setdefault("MASTER_PORT", _free_port())
     from megatron_vlm.convert.megatron_io import convert_openlm
     from megatron_vlm.convert.metadata import ScheduleArgs
     from megatron_vlm.runtime import initialize, shutdown

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 PROG = "export_dclm_checkpoint"
 
@@ -51,10 +50,6 @@ def main(argv=None) -> int:
     from megatron_vlm.logs import configure_logging
 
     configure_logging()
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
     if int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise ValueError("run the export in one process (it loads the checkpoint at TP=PP=1)")
     from megatron_vlm.convert.megatron_io import export_openlm

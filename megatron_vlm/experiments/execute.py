@@ -36,7 +36,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -125,12 +124,6 @@ def local_command(run: StageRun, nproc: int = 1) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", str(nproc), script, *run.args]
     return [sys.executable, script, *run.args]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -246,7 +239,9 @@ class LocalRunner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         if self.nproc == 1:
-            env["MASTER_PORT"] = str(_free_port())  # a lone process needs no agreed port
+            # A lone process binds a free port itself (runtime.distributed); an inherited one
+            # could be another run's.
+            env.pop("MASTER_PORT", None)
         run.log.parent.mkdir(parents=True, exist_ok=True)
         with open(run.log, "ab") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())

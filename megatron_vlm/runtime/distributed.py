@@ -52,14 +52,6 @@ def has_transformer_engine() -> bool:
     return True
 
 
-def _free_port() -> int:
-    """A TCP port no one listens on right now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
@@ -162,21 +154,23 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10,
     _DEVICE = device
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = None
         if "MASTER_PORT" not in os.environ:
             # No launcher set one: a process of its own needs no agreed port, and a fixed one
             # would collide with any other run on this host (an evaluation beside a training).
+            # The store binds port 0 itself: a port probed first and bound later could be
+            # taken by another process in between.
             if world_size != 1:
                 raise ValueError(f"WORLD_SIZE={world_size} but MASTER_PORT is not set: start "
                                  "the processes with torchrun")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, world_size=1, is_master=True,
+                                  timeout=timeout)
+            os.environ["MASTER_PORT"] = str(store.port)
             logger.info("runtime: MASTER_PORT not set; this process uses free port %s (set "
-                        "MASTER_PORT to choose one)", os.environ["MASTER_PORT"])
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+                        "MASTER_PORT to choose one)", store.port)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timeout, store=store)
     return device, backend, rank, world_size
 
 
