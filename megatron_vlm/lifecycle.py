@@ -88,8 +88,8 @@ def under_torchrun() -> bool:
 
 
 def tie_to_the_run() -> None:
-    """The first thing a training entry point does: its helpers die with it, and under
-    torchrun it dies with the agent. torchrun starts each worker in a session of its own, so a
+    """The first thing every entry point does (:func:`megatron_vlm.cli.run_main`): its helpers
+    die with it, and under torchrun it dies with the agent. torchrun starts each worker in a session of its own, so a
     SIGKILL of torchrun (or a ``kill -- -PGID`` of its group) never reaches the workers
     otherwise. A process started from a shell is not tied to the shell: ``nohup`` and
     closing the terminal keep working as before."""

@@ -139,8 +139,6 @@ def quiet_third_party_bars() -> None:
     generation) when stderr is piped. tqdm and ``datasets`` read these variables when they are
     imported, so this runs before them (:func:`megatron_vlm.logs.configure_logging`); a bar the
     caller enables explicitly, as :class:`Progress` does on a terminal, is not affected."""
-    import os
-
     if not interactive():
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -52,7 +52,6 @@ def has_transformer_engine() -> bool:
     return True
 
 
-
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
@@ -226,9 +225,10 @@ def describe_peer_failure(err: BaseException, last_step: Optional[int]) -> Optio
     if not isinstance(err, RuntimeError) or not dist.is_initialized():
         return None
     match = _PEER_GONE.search(str(err))
-    frames = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(err.__traceback__)]
+    frames = [(f.filename.replace(os.sep, "/"), f.name)
+              for f in traceback.extract_tb(err.__traceback__)]
     # Raised by a collective (or megatron's wait on one), not by other code with such a text.
-    communicating = any(part in path for path in frames
+    communicating = any(part in path for path, _ in frames
                         for part in ("torch/distributed/", "megatron/core/"))
     if match is None or not communicating:
         return None
@@ -240,17 +240,15 @@ def describe_peer_failure(err: BaseException, last_step: Optional[int]) -> Optio
         who = "a peer rank" + (f" ({address.group(1)}:{address.group(2)})" if address else "")
     timed_out = "imed out" in match.group(0) or "Timeout" in match.group(0)
     how = "timed out waiting for it" if timed_out else "lost its connection to it"
-    where = _collective_in(err)
+    where = _collective_in(frames)
     when = f"after step {last_step}" if last_step is not None else "before the first step"
     return f"{who} stopped: rank {rank} {how} during {where} {when}"
 
 
-def _collective_in(err: BaseException) -> str:
-    """The collective ``err`` came from: the innermost public torch.distributed function in its
-    traceback ("all_reduce"), else the innermost megatron function that waited on one
-    ("a collective in start_grad_sync")."""
-    frames = [(f.filename.replace(os.sep, "/"), f.name)
-              for f in traceback.extract_tb(err.__traceback__)]
+def _collective_in(frames: list[tuple[str, str]]) -> str:
+    """The collective an error came from, given its traceback's (path, function) frames: the
+    innermost public torch.distributed function ("all_reduce"), else the innermost megatron
+    function that waited on one ("a collective in start_grad_sync")."""
     public = [name for path, name in frames
               if "torch/distributed/distributed_c10d" in path and not name.startswith("_")]
     if public:
