@@ -452,10 +452,14 @@ class PerformanceConfig(_Section):
     """Fused rotary embedding (Transformer Engine's kernel). null: on with the TE layer spec."""
     gradient_accumulation_fusion: Optional[bool] = None
     """Accumulate weight gradients straight into the fp32 main-grad buffers inside the GEMM
-    (Transformer Engine's linear layers). null: on with the TE layer spec."""
+    (TE's linear layers, and apex's kernel for megatron-core's own output layer). null: on for
+    CUDA runs where apex's fused_weight_gradient_mlp_cuda imports; true without it is an error
+    naming apex (the output layer needs it whatever the layer spec)."""
     cross_entropy_fusion: Optional[bool] = None
-    """Fused vocabulary-parallel cross-entropy (Transformer Engine's where present, else
-    megatron-core's). null: on for CUDA runs."""
+    """Fused vocabulary-parallel cross-entropy: Transformer Engine's kernel where TE >= 2.7 is
+    present (called without host synchronisation), else the project's own loss compiled by
+    torch.compile (model/loss.py; unfused, the same loss runs eagerly). Either way no host
+    read. null: on for CUDA runs."""
     packed_documents: Optional[bool] = None
     """How document attention (data.caption_fill=text) reaches the attention kernel: true packs
     the documents into megatron's packed-sequence layout (cu_seqlens; the only form the

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megatron_vlm.config import load_config
-from megatron_vlm.runtime.features import resolve_features
+from megatron_vlm.runtime import features as features_module
+from megatron_vlm.runtime.features import Features, resolve_features
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -24,30 +25,74 @@ def test_cpu_mode_leaves_gpu_features_off():
     assert "on: none" in f.describe()
 
 
-def test_gpu_run_turns_on_what_its_layout_can_use():
+@pytest.fixture
+def apex_present(monkeypatch):
+    """As on a machine where apex's fused_weight_gradient_mlp_cuda imports (the NGC image)."""
+    monkeypatch.setattr(features_module, "_apex_grad_accumulation_available", lambda: True)
+
+
+@pytest.fixture
+def apex_absent(monkeypatch):
+    monkeypatch.setattr(features_module, "_apex_grad_accumulation_available", lambda: False)
+
+
+def test_gpu_run_turns_on_what_its_layout_can_use(apex_present):
     cfg = load_config("7b", ["parallel.use_distributed_optimizer=true"])  # TP=2
     f = resolve_features(cfg, cuda=True, transformer_engine=True, data_parallel=4)
     assert all([f.sequence_parallel, f.overlap_grad_reduce, f.overlap_param_gather,
                 f.bias_swiglu_fusion, f.rope_fusion, f.gradient_accumulation_fusion,
                 f.cross_entropy_fusion, f.async_save])
-    # one GPU, TP=1, no TE: nothing that needs a larger layout or TE
+    # one GPU, TP=1, no TE: nothing that needs a larger layout or TE (apex's fusion serves the
+    # local spec's linear layers too)
     f = resolve_features(load_config("1b"), cuda=True, transformer_engine=False, data_parallel=1)
     assert not (f.sequence_parallel or f.overlap_grad_reduce or f.overlap_param_gather
-                or f.rope_fusion or f.gradient_accumulation_fusion)
-    assert f.bias_swiglu_fusion and f.cross_entropy_fusion and f.async_save
+                or f.rope_fusion)
+    assert (f.bias_swiglu_fusion and f.cross_entropy_fusion and f.async_save
+            and f.gradient_accumulation_fusion)
     # false always wins
     cfg = load_config("7b", ["performance.sequence_parallel=false", "checkpoint.async_save=false"])
     f = resolve_features(cfg, cuda=True, transformer_engine=True, data_parallel=2)
     assert not f.sequence_parallel and not f.async_save
 
 
+def test_gradient_accumulation_fusion_follows_apex_not_the_layer_spec(apex_absent, monkeypatch):
+    """GPTModel's output layer is megatron-core's ColumnParallelLinear whatever the spec: with
+    the fusion on and no apex it refuses to be built, so the TE spec alone must not turn it on."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_vlm.model.build import decoder_transformer_config
+
+    cfg = load_config("79m")
+    for te in (True, False):
+        f = resolve_features(cfg, cuda=True, transformer_engine=te, data_parallel=1)
+        assert not f.gradient_accumulation_fusion
+    # What megatron-core does with the resolved config: build the output layer as GPTModel does.
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)  # no apex, as here
+    tiny = load_config("tiny")
+    config = decoder_transformer_config(tiny, True, f, cuda=False)
+    layers.ColumnParallelLinear(8, 16, config=config, init_method=config.init_method, bias=False,
+                                skip_bias_add=False, gather_output=False)
+    with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+        fused = decoder_transformer_config(tiny, True, Features(gradient_accumulation_fusion=True),
+                                           cuda=False)
+        layers.ColumnParallelLinear(8, 16, config=fused, init_method=fused.init_method,
+                                    bias=False, skip_bias_add=False, gather_output=False)
+
+
+def test_gradient_accumulation_fusion_with_apex(apex_present):
+    cfg = load_config("79m")
+    assert resolve_features(cfg, cuda=True, transformer_engine=True).gradient_accumulation_fusion
+    assert resolve_features(cfg, cuda=True, transformer_engine=False).gradient_accumulation_fusion
+    assert not resolve_features(cfg, cuda=False, transformer_engine=False).gradient_accumulation_fusion
+
+
 @pytest.mark.parametrize("override,dp,match", [
     ("performance.sequence_parallel=true", 1, "needs parallel.tensor_parallel > 1"),
     ("performance.overlap_param_gather=true", 2, "needs the distributed optimizer"),
     ("performance.rope_fusion=true", 1, "needs the Transformer Engine layer spec"),
-    ("performance.gradient_accumulation_fusion=true", 1, "needs the Transformer Engine"),
+    ("performance.gradient_accumulation_fusion=true", 1, "needs apex's fused_weight_gradient"),
 ])
-def test_asking_for_what_cannot_run_is_one_clear_error(override, dp, match):
+def test_asking_for_what_cannot_run_is_one_clear_error(override, dp, match, apex_absent):
     cfg = load_config("1b", [override])
     with pytest.raises(ValueError, match=match):
         resolve_features(cfg, cuda=True, transformer_engine=False, data_parallel=dp)

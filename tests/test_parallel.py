@@ -21,6 +21,12 @@ LAYOUTS = {  # name: (ranks, arguments)
     "dp2_overlap": (2, ["--dp", "2", "--distributed-optimizer",
                         "performance.overlap_grad_reduce=true",
                         "performance.overlap_param_gather=true"]),
+    # Micro-batches of one row: every other one has no image, and megatron's overlapped
+    # gradient reduction still needs a gradient from the projector and the trainable encoder.
+    "dp2_overlap_text_only_microbatches": (2, ["--dp", "2", "performance.overlap_grad_reduce=true",
+                                               "train.micro_batch_size=1",
+                                               "model.encoder.mode=online",
+                                               "model.encoder.frozen=false"]),
     # Documents as packed sequences (the TE form, here through the SDPA attention): the
     # pipeline passes [b * s, 1, h] activations; with sequence parallelism the packed sequence
     # is what gets scattered.

@@ -7,7 +7,6 @@ import logging
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -15,6 +14,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.model.decoder_spec import GainOnlyLayerNorm, decoder_layer_spec
+from megatron_vlm.model.loss import DecoderGPTModel
 from megatron_vlm.model.projector import build_projector
 from megatron_vlm.model.vlm import VLMModel
 from megatron_vlm.runtime.distributed import current_device, has_transformer_engine
@@ -109,7 +109,7 @@ def build_model(cfg, use_transformer_engine: bool | None = None, pre_process: bo
     layer = decoder_layer_spec(use_transformer_engine, qk_norm=cfg.model.decoder.qk_norm)
     block = TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=GainOnlyLayerNorm)
-    language_model = GPTModel(
+    language_model = DecoderGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=cfg.model.decoder.vocab_size,

@@ -44,6 +44,27 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_vlm.data.batch import attention_mask_from_segments
 
 
+def splice_image_features(embeddings: torch.Tensor, image_mask: torch.Tensor,
+                          features: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` [s, b, d] with the positions of ``image_mask`` [b, s] replaced, in
+    row-major order, by the rows of ``features`` [k, n_img, d] (what ``masked_scatter`` does).
+
+    Written as a gather and a select so that neither direction makes the host wait: the
+    running count of image positions (a cumulative sum on the device) is each position's row
+    in the flattened features, and ``torch.where`` keeps the token embedding elsewhere.
+    ``masked_scatter``'s backward selects the masked gradient with ``masked_select``, whose
+    output size the host must read. The counts were checked when the batch was assembled.
+    """
+    s, b, d = embeddings.shape
+    flat_mask = image_mask.reshape(b * s)
+    # Positions before the first image point at row 0; the where discards them.
+    rows = (torch.cumsum(flat_mask, 0) - 1).clamp_(min=0)
+    gathered = features.reshape(-1, d).to(embeddings.dtype).index_select(0, rows)
+    by_batch = embeddings.transpose(0, 1).reshape(b * s, d)
+    spliced = torch.where(flat_mask.unsqueeze(-1), gathered, by_batch)
+    return spliced.reshape(b, s, d).transpose(0, 1).contiguous()
+
+
 class VLMModel(MegatronModule):
     """Projector (+ optional online vision encoder) in front of a megatron-core GPTModel."""
 
@@ -79,6 +100,8 @@ class VLMModel(MegatronModule):
             if self.vision_encoder is None:
                 raise RuntimeError("batch has 'images' but model.encoder.mode is 'precomputed'; "
                                    "give 'image_embeddings' or set model.encoder.mode=online")
+            if images.shape[0] == 0:  # a micro-batch of text rows only: nothing to encode
+                return None
             image_embeddings = self.vision_encoder(images)
         if image_embeddings is None or image_embeddings.shape[0] == 0:
             return None
@@ -99,12 +122,27 @@ class VLMModel(MegatronModule):
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         features = self.image_features(image_embeddings, images)
         if features is None:
+            return self._keep_image_path_in_graph(embeddings)
+        return splice_image_features(embeddings, image_mask, features)
+
+    def _keep_image_path_in_graph(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` plus an exact zero that depends on every trainable parameter of the
+        projector and the online encoder.
+
+        megatron-core's DDP with overlapped gradient reduction counts, per bucket, the
+        parameters whose gradient is ready and expects all of them in every micro-batch; a
+        micro-batch without an image would leave the projector out of the graph and stop the
+        run. One element of each parameter times 0.0 adds nothing to the activations and a zero
+        gradient, the gradient these parameters get from such a micro-batch anyway.
+        """
+        if not torch.is_grad_enabled():
             return embeddings
-        # masked_scatter fills positions in row-major order, matching the row order of features;
-        # the counts were checked when the batch was assembled (no host synchronisation here).
-        by_batch = embeddings.transpose(0, 1)
-        spliced = by_batch.masked_scatter(image_mask.unsqueeze(-1), features.to(by_batch.dtype))
-        return spliced.transpose(0, 1).contiguous()
+        modules = [m for m in (self.projector, self.vision_encoder) if m is not None]
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if not params:
+            return embeddings
+        zero = torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+        return embeddings + zero.to(embeddings.dtype)
 
     def _scatter_sequence(self, decoder_input: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the sequence under sequence parallelism (as megatron's embedding

@@ -101,18 +101,41 @@ def _names_cuda(device) -> bool:
     return cls is int
 
 
+# Called with (name, args, kwargs) for each CUDA request rewritten to the CPU, and for each
+# torch.cuda.synchronize: how runtime/host_sync.py sees, on the CPU, what would wait for a GPU.
+_REDIRECT_OBSERVERS: list[Callable] = []
+
+
+def add_redirect_observer(observer: Callable) -> None:
+    _REDIRECT_OBSERVERS.append(observer)
+
+
+def remove_redirect_observer(observer: Callable) -> None:
+    if observer in _REDIRECT_OBSERVERS:
+        _REDIRECT_OBSERVERS.remove(observer)
+
+
 def _keyword_redirect(original: Callable) -> Callable:
     """``original`` with a CUDA ``device=`` keyword replaced by the CPU device."""
+    name = original.__name__
 
     @functools.wraps(original)
     def redirected(*args, **kwargs):
         if kwargs:
             device = kwargs.get("device")
             if device is not None and _names_cuda(device):
+                for observer in _REDIRECT_OBSERVERS:
+                    observer(name, args, kwargs)
                 kwargs["device"] = _CPU
         return original(*args, **kwargs)
 
     return redirected
+
+
+def _synchronize(*args, **kwargs) -> None:
+    """``torch.cuda.synchronize`` on the CPU: nothing to wait for, but observers are told."""
+    for observer in _REDIRECT_OBSERVERS:
+        observer("synchronize", args, kwargs)
 
 
 def _to_redirect(original: Callable) -> Callable:
@@ -170,7 +193,7 @@ class _Stream:
         pass
 
     def synchronize(self):
-        pass
+        _synchronize()
 
     def query(self):
         return True
@@ -204,7 +227,7 @@ class _Event:
         pass
 
     def synchronize(self):
-        pass
+        _synchronize()
 
     def query(self):
         return True
@@ -281,7 +304,7 @@ def _patch_torch_cuda() -> None:
         "current_device": _constant(0),
         "device_count": lambda: 1,
         "set_device": _constant(None),
-        "synchronize": _constant(None),
+        "synchronize": _synchronize,
         "Stream": _Stream,
         "Event": _Event,
         "stream": lambda stream=None: _NULL_CONTEXT,

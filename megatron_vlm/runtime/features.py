@@ -52,11 +52,10 @@ def _apex_grad_accumulation_available() -> bool:
 
 
 def _te_cross_entropy_available() -> bool:
-    try:
-        from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
-    except ImportError:
-        return False
-    return te_parallel_cross_entropy is not None
+    """TE's fused loss, callable without host synchronisation (model/loss.py)."""
+    from megatron_vlm.model.loss import te_cross_entropy_available
+
+    return te_cross_entropy_available()
 
 
 def resolve_features(cfg, *, cuda: bool, transformer_engine: bool,
@@ -97,11 +96,18 @@ def resolve_features(cfg, *, cuda: bool, transformer_engine: bool,
     bias_swiglu_fusion = pick("bias_swiglu_fusion", cuda, None)
     rope_fusion = pick("rope_fusion", True,
                        None if transformer_engine else "needs the Transformer Engine layer spec")
-    grad_fusion_ok = transformer_engine or (cuda and _apex_grad_accumulation_available())
-    gradient_accumulation_fusion = pick(
-        "gradient_accumulation_fusion", transformer_engine,
-        None if grad_fusion_ok else "needs the Transformer Engine layer spec (or apex's "
-                                    "fused_weight_gradient_mlp_cuda with the local spec on CUDA)")
+    # Whatever the layer spec, GPTModel's output layer is megatron-core's own
+    # ColumnParallelLinear, which refuses to be built with the fusion unless apex's extension
+    # imports: TE's fused linear layers alone are not enough.
+    if not cuda:
+        grad_fusion_missing = "needs a CUDA run (parallel.device=cuda)"
+    elif not _apex_grad_accumulation_available():
+        grad_fusion_missing = ("needs apex's fused_weight_gradient_mlp_cuda extension, which "
+                               "megatron-core's output layer uses whatever the layer spec; apex "
+                               "is not installed here (the NGC PyTorch image has it)")
+    else:
+        grad_fusion_missing = None
+    gradient_accumulation_fusion = pick("gradient_accumulation_fusion", True, grad_fusion_missing)
     cross_entropy_fusion = pick("cross_entropy_fusion", cuda, None)
     cross_entropy_impl = "te" if transformer_engine and _te_cross_entropy_available() else "native"
     packed_documents = transformer_engine if perf.packed_documents is None else perf.packed_documents

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vlm.fsutil import fsync_dir, write_text_atomic
 from megatron_vlm.lifecycle import start_write_results_manager, stop_write_results_manager
-from megatron_vlm.training.checkpoint_checks import check_checkpoint_files
+from megatron_vlm.training.checkpoint_checks import check_checkpoint_files, check_loaded_keys
 
 logger = logging.getLogger("megatron_vlm")
 
@@ -380,11 +380,8 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, with_rng: bool
         hint = "" if parts != "all" else " (checkpoint.load_parts=decoder loads the language model only)"
         raise ValueError(f"checkpoint {directory} does not fit the model: it has no "
                          f"{absent.group(1)}{hint}") from None
-    missing, unexpected = unwrap(model).load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if k.startswith(prefix)]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not fit the model: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    check_loaded_keys(directory, *unwrap(model).load_state_dict(state["model"], strict=False),
+                      prefix)
     if optimizer is not None:
         # A state copy, not a computation: megatron-core's dp_reshardable load copies into
         # main parameters that may be views of the model's (autograd refuses that in grad mode).
@@ -577,10 +574,11 @@ def save_model(model, directory: str | Path) -> None:
 
 
 def load_model(model, directory: str | Path) -> None:
-    """Loads weights saved by :func:`save_model` at any TP/PP layout into ``model`` (strict)."""
+    """Loads weights saved by :func:`save_model` at any TP/PP layout into ``model`` (every key
+    but TE's ``_extra_state``, see :func:`check_loaded_keys`)."""
     directory = Path(directory)
     if not (directory / "metadata.json").exists():
         raise FileNotFoundError(f"no distributed checkpoint at {directory} (metadata.json missing)")
     inner = unwrap(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory))
-    inner.load_state_dict(state, strict=True)
+    check_loaded_keys(directory, *inner.load_state_dict(state, strict=False))

@@ -126,6 +126,7 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     from megatron_vlm.training import checkpointing as ckpt
     from megatron_vlm.training.checkpoint_checks import check_resume_schedule
     from megatron_vlm.training import flops
+    from megatron_vlm.training.grad_finalize import GRAD_NORM_PATH
     from megatron_vlm.training.metrics_log import MetricsLog
     from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
     from megatron_vlm.training.step import setup_training, summarize_losses, train_step
@@ -160,6 +161,7 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     logger.info("model parts (this rank):")
     log_trainable(model)
     logger.info("%s", model.features.describe())
+    logger.info("%s", GRAD_NORM_PATH)
     if cfg.train.fp8:
         logger.info("FP8 (%s) in the decoder's transformer layers; projector, embeddings and "
                     "output layer in %s", cfg.train.fp8, cfg.train.params_dtype)
@@ -184,7 +186,10 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     saves = checkpoint_steps(cfg.train.train_iters, cfg.checkpoint.save_fractions) \
         if cfg.checkpoint.save_fractions else {}
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
-    peak = flops.peak_flops() if info.device.type == "cuda" else None
+    # MFU against the dense bf16 peak, and for FP8 runs also against the FP8 peak, each named.
+    peaks = flops.device_peaks() if info.device.type == "cuda" else None
+    if peaks is not None and rank == 0:
+        logger.info("MFU peaks: %s", peaks.describe())
 
     history: list[dict] = []
     sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
@@ -215,16 +220,19 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             result = train_step(state, microbatches, len(microbatches), cfg, summarize=False)
             pending = result["loss_sums"] if pending is None else pending + result["loss_sums"]
             done = step + 1
-            metrics = {"step": done, "lr": lr, "grad_norm": result["grad_norm"]}
+            metrics = {"step": done, "lr": lr}
             if done % cfg.train.log_interval == 0 or done == cfg.train.train_iters:
                 metrics.update(summarize_losses(pending))  # waits for the device
+                metrics["grad_norm"] = float(result["grad_norm"])  # this step's, before clipping
                 now = time.perf_counter()
                 steps, seconds = done - last_logged, now - last_time
                 flops_per_s_per_gpu = interval_flops / seconds / world
                 metrics.update(tokens_per_s=tokens_per_step * steps / seconds,
                                tflops=flops_per_s_per_gpu / 1e12)
-                if peak:
-                    metrics["mfu"] = flops.mfu(flops_per_s_per_gpu, peak)
+                if peaks is not None:
+                    metrics.update({k: v for k, v in flops.mfu_by_peak(
+                        flops_per_s_per_gpu, peaks, fp8=bool(cfg.train.fp8)).items()
+                        if v is not None})
                 pending, last_logged, last_time, interval_flops = None, done, now, 0.0
                 if sink is not None:
                     sink.log(done, metrics)
@@ -236,7 +244,8 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
                     logger.info("step %d/%d loss=%.4f%s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
                                 done, cfg.train.train_iters, metrics["loss"], extra, lr,
                                 metrics["grad_norm"], metrics["tokens_per_s"],
-                                f" mfu={metrics['mfu']:.3f}" if "mfu" in metrics else "")
+                                "".join(f" {k}={metrics[k]:.3f}" for k in
+                                        ("mfu_bf16_peak", "mfu_fp8_peak") if k in metrics))
             history.append(metrics)
             bar.update(1)
             if on_step is not None:

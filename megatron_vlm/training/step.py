@@ -21,7 +21,6 @@ from typing import Iterator
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import (
     OptimizerConfig,
     ParamGroupOverride,
@@ -35,6 +34,7 @@ from megatron_vlm.config import DATA_SOURCES as SOURCE_ORDER
 from megatron_vlm.runtime.distributed import current_device
 from megatron_vlm.training.checkpointing import unwrap
 from megatron_vlm.training.device_batches import DeviceMicroBatches
+from megatron_vlm.training.grad_finalize import finalize_grads, optimizer_step
 
 @dataclass
 class TrainState:
@@ -89,7 +89,7 @@ def setup_training(model, cfg) -> TrainState:
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.train.weight_decay * group.get("wd_mult", 1.0)
     config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads  # megatron's, minus its host read
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp_model.no_sync
     return TrainState(model=ddp_model, optimizer=optimizer)
@@ -172,9 +172,10 @@ def train_step(state: TrainState, microbatches: list[dict], num_microbatches: in
     """Forward/backward over ``num_microbatches`` host micro-batches (copied to the device here,
     the next one while the current one computes), then one optimizer step.
 
-    Returns ``loss_sums`` (a device tensor, see :func:`reduce_losses`) and ``grad_norm``; with
-    ``summarize`` also the losses as floats (:func:`summarize_losses`, which waits for the
-    device). Note the optimizer's gradient clipping reads the gradient norm on the host anyway.
+    Returns ``loss_sums`` (a device tensor, see :func:`reduce_losses`) and ``grad_norm`` (the
+    global gradient norm before clipping, a device tensor); with ``summarize`` the losses and
+    the norm as floats (:func:`summarize_losses`; reading them waits for the device). Without
+    ``summarize`` nothing in the step waits for the device (tests/test_host_sync.py).
     """
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -188,11 +189,13 @@ def train_step(state: TrainState, microbatches: list[dict], num_microbatches: in
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = state.optimizer.step()
+    # The optimizer's phases with megatron's clipping replaced by one that keeps the norm on
+    # the device (training/grad_finalize.py).
+    update_successful, grad_norm = optimizer_step(state.optimizer, cfg.train.clip_grad)
     if not update_successful:
         raise RuntimeError(f"optimizer step {state.step} failed (non-finite gradients?)")
     state.step += 1
-    out = {"loss_sums": reduce_losses(losses), "grad_norm": float(grad_norm or 0.0)}
+    out = {"loss_sums": reduce_losses(losses), "grad_norm": grad_norm}
     if summarize:
-        out.update(summarize_losses(out["loss_sums"]))
+        out.update(summarize_losses(out["loss_sums"]), grad_norm=float(grad_norm))
     return out

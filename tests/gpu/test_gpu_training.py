@@ -131,6 +131,33 @@ def test_forward_and_backward_do_not_synchronise_with_the_host(cuda_runtime, te,
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("te", [False, True], ids=["local", "te"])
+def test_train_step_does_not_synchronise_with_the_host(cuda_runtime, te, request):
+    """A whole train step (micro-batches with and without images, megatron's schedule, DDP,
+    gradient normalization and clipping, the optimizer) that is not a log step: no operation
+    may wait for the GPU. tests/test_host_sync.py checks the same on the CPU by operation."""
+    from megatron_vlm.training.loop import make_batches
+    from megatron_vlm.training.step import setup_training, summarize_losses, train_step
+
+    if te:
+        request.getfixturevalue("transformer_engine")
+    cfg = tiny_cuda_config("train.micro_batch_size=1", "train.global_batch_size=4")
+    state = setup_training(build(cfg, te), cfg)
+    next_step, _ = make_batches(cfg, 0, 1, None)
+    train_step(state, next_step(), 4, cfg, summarize=False)  # warm-up: lazy init, compiles
+    microbatches = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                     for k, v in mb.items()} for mb in next_step()]
+    assert any(bool(mb["image_mask"].any()) for mb in microbatches)
+    assert not all(bool(mb["image_mask"].any()) for mb in microbatches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = train_step(state, microbatches, 4, cfg, summarize=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(summarize_losses(out["loss_sums"])["loss"])
+
+
 def test_device_micro_batches_copy_every_batch_intact(cuda_runtime):
     from megatron_vlm.training.device_batches import DeviceMicroBatches
 
