@@ -6,12 +6,15 @@
     python bench/train_throughput.py --variants torch,megatron-local train.lr=1e-4
 
 Every variant trains the same decoder (DCLM/OpenLM block) and projector on the same global
-batch, built once on the host: sequences of ``--seq-length`` positions (default 1024; the tiny
-recipe keeps its own 128), random tokens, and a share of caption rows (an image's
-``num_image_tokens`` precomputed embeddings, then caption tokens) that makes image + caption
-positions about ``--caption-fraction`` (0.10, the paper's 90/10 text/caption mix) of the
-tokens. A step is ``--global-batch-size`` sequences in micro-batches of ``--micro-batch-size``
-with gradient accumulation, then one optimizer step with gradient clipping.
+batch: sequences of ``--seq-length`` positions (default 1024; the tiny recipe keeps its own
+128), random tokens, and a share of caption rows (an image's ``num_image_tokens`` precomputed
+embeddings, then caption tokens) that makes image + caption positions about
+``--caption-fraction`` (0.10, the paper's 90/10 text/caption mix) of the tokens. The batch is
+generated on the measured device, once, and every step reuses its micro-batches: no timed step
+creates batch data or copies it from the host, so the figures time the GPU, not the host's
+random number generator or the PCIe link. A step is ``--global-batch-size`` sequences in
+micro-batches of ``--micro-batch-size`` with gradient accumulation, then one optimizer step
+with gradient clipping.
 
 Variants (always run in this order, so the baselines run before the CPU redirect layer that
 megatron-core needs on a CPU host is installed):
@@ -28,10 +31,22 @@ megatron-core needs on a CPU host is installed):
 
 On CUDA everything trains in bf16; on a CPU host in the recipe's ``train.params_dtype`` (fp32
 for tiny; on a shared CPU host set OMP_NUM_THREADS=1, as oversubscribed OpenMP threads make
-step times swing tenfold). Step time is the median of the timed steps (CUDA synchronized before each clock
-read), after ``--warmup`` steps. Peak memory: torch.cuda.max_memory_allocated after a reset
-(CUDA), or the process's resident-set high-water mark, reset before each variant (Linux CPU).
-The table is printed last; ``--json FILE`` also writes it with the device, versions and command.
+step times swing tenfold). Step time is the median of the timed steps (CUDA synchronized before
+each clock read), after ``--warmup`` steps. Peak memory: torch.cuda.max_memory_allocated after a
+reset (CUDA), or the process's resident-set high-water mark, reset before each variant (Linux
+CPU).
+
+MFU is measured against the device's dense peaks (megatron_vlm/training/flops.py, keyed by the
+CUDA device name): MFU(bf16pk) against the bf16 peak for every row, and for FP8 rows also
+MFU(fp8pk) against the FP8 peak (JSON: ``mfu_bf16_peak``, ``mfu_fp8_peak``). For a card the
+table does not know, or to measure against other figures, give ``--peak-tflops BF16[,FP8]``
+(dense TFLOP/s per GPU, e.g. 989,1979) or set MEGATRON_VLM_PEAK_TFLOPS the same way (the flag
+wins); an override replaces both peaks, so without an FP8 figure MFU(fp8pk) is n/a.
+
+The table is printed last. ``--json FILE`` writes it with the device, versions, command and the
+peaks used (``peak``: values, table key, whether overridden), rewritten (atomically) after every
+variant with ``"complete": false``, and a last time with ``"complete": true``: a run that is
+stopped keeps its finished variants.
 """
 
 from __future__ import annotations
@@ -39,12 +54,9 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import json
 import math
-import os
 import re
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -57,7 +69,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The bench's helper modules sit beside this file; the tests load this file by its path, which
+# does not put its folder on sys.path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import throughput_batches  # noqa: E402
+from throughput_report import Row, add_ratios, figures, format_table, write_json  # noqa: E402
+
 VARIANTS = ("torch", "torch+compile", "megatron-local", "megatron-te", "megatron-te-fp8")
+FP8_VARIANTS = ("megatron-te-fp8",)  # measured against the FP8 peak too
 DEFAULT_STEPS, DEFAULT_WARMUP = 10, 3
 QUICK_STEPS, QUICK_WARMUP = 3, 1
 DEFAULT_SEQ_LENGTH = 1024
@@ -160,39 +180,7 @@ class BaselineVLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def mixed_batch(rows: int, seq_length: int, vocab_size: int, num_image_tokens: int,
-                embed_dim: int, caption_fraction: float, seed: int = 0) -> dict:
-    """One global batch in the project's batch contract: text rows of random tokens, and
-    ``round(caption_fraction * rows)`` caption rows (spread evenly) holding an image's
-    ``num_image_tokens`` positions, then caption tokens. Image positions carry no loss except
-    the last, which predicts the first caption token; embeddings are bf16, as stored."""
-    if vocab_size < 3:
-        raise ValueError(f"model.decoder.vocab_size={vocab_size} is too small for random tokens")
-    gen = torch.Generator().manual_seed(seed)
-    stream = torch.randint(2, vocab_size, (rows, seq_length + 1), generator=gen)
-    loss_mask = torch.ones(rows, seq_length)
-    image_mask = torch.zeros(rows, seq_length, dtype=torch.bool)
-    captions = round(caption_fraction * rows)
-    for i in range(captions):
-        r = int((i + 0.5) * rows / captions)
-        stream[r, :num_image_tokens] = 0  # placeholder ids: the splice replaces them
-        image_mask[r, :num_image_tokens] = True
-        loss_mask[r, : num_image_tokens - 1] = 0.0
-    embeddings = torch.randn(captions, num_image_tokens, embed_dim, generator=gen)
-    return {"tokens": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous(),
-            "loss_mask": loss_mask, "image_mask": image_mask,
-            "image_embeddings": embeddings.to(torch.bfloat16)}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """The baselines' micro-batch on ``device``, copied the way the project's train step copies
-    its own (pinned memory, non-blocking; megatron_vlm.training.device_batches)."""
-    from megatron_vlm.training.device_batches import to_device
-
-    return to_device(batch, device)
+# The project step's loss (the batches: bench/throughput_batches.py)
 
 
 class _DeviceLoss:
@@ -214,7 +202,8 @@ class _DeviceLoss:
 
 @dataclass
 class Setup:
-    """Everything the variants share: config, device, precision and the host micro-batches."""
+    """Everything the variants share: config, device, precision, the peaks, and the
+    micro-batches, on ``device``."""
 
     cfg: object
     overrides: list
@@ -226,11 +215,13 @@ class Setup:
     caption_fraction: float
     image_fraction: float
     flops_per_token: float
-    peak: Optional[float]
+    peaks: object  # flops.DevicePeaks: what MFU is measured against
     device_name: str
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    from megatron_vlm.training.flops import PEAK_ENV, parse_peak_tflops
+
     doc = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
         description="\n\n".join(doc[:3]), epilog="\n\n".join(doc[3:]),
@@ -254,7 +245,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         help="share of tokens in caption rows, image positions included "
                              "(default 0.10)")
     parser.add_argument("--quick", action="store_true", help="fewer steps")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows and setup as JSON")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the rows and setup as JSON, rewritten after every "
+                             'variant ("complete": false until the last)')
+    parser.add_argument("--peak-tflops", metavar="BF16[,FP8]",
+                        help="this device's dense peak TFLOP/s per GPU, bf16 and optionally FP8, "
+                             f"for MFU, e.g. 989,1979 (default: {PEAK_ENV} if set, else the "
+                             "table's figures for the CUDA device name)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides passed to load_config, e.g. train.lr=1e-4")
     args = parser.parse_intermixed_args(argv)
@@ -277,13 +274,18 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
             parser.error(f"{flag}={value} must be at least {low}")
     if not 0.0 <= args.caption_fraction <= 1.0:
         parser.error(f"--caption-fraction={args.caption_fraction} must be in [0, 1]")
+    if args.peak_tflops is not None:
+        try:
+            parse_peak_tflops(args.peak_tflops, "--peak-tflops")
+        except ValueError as err:
+            parser.error(str(err))
     return args
 
 
 def build_setup(args: argparse.Namespace) -> Setup:
-    """The config with the bench's batch and precision, and the host micro-batches."""
+    """The config with the bench's batch and precision, the peaks, and the micro-batches, made
+    on the device here, once."""
     from megatron_vlm.config import config_keys, load_config
-    from megatron_vlm.data.batch import split_microbatches
     from megatron_vlm.training import flops
 
     cuda = torch.cuda.is_available()
@@ -316,22 +318,22 @@ def build_setup(args: argparse.Namespace) -> Setup:
         extra.append(f"parallel.device={'cuda' if cuda else 'cpu'}")
     overrides = list(args.overrides) + extra
     cfg = load_config(recipe, overrides)
-    batch = mixed_batch(gbs, seq, dec.vocab_size, enc.num_image_tokens, enc.embed_dim,
-                        args.caption_fraction)
-    microbatches = split_microbatches(batch, mbs)
-    if cuda:  # pinned host memory makes the per-step copies asynchronous
-        microbatches = [{k: v.pin_memory() for k, v in mb.items()} for mb in microbatches]
-    image_fraction = flops.image_positions_fraction(microbatches)
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
-    return Setup(cfg=cfg, overrides=overrides, recipe=recipe,
-                 device=torch.device("cuda", torch.cuda.current_device()) if cuda
-                 else torch.device("cpu"),
+    peaks = flops.device_peaks(device_name, args.peak_tflops)  # a bad override: ValueError
+    # With its index: the train step copies a tensor whose device differs from its own, and
+    # torch.device("cuda") != torch.device("cuda:0").
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    batch, microbatches = throughput_batches.device_microbatches(
+        gbs, mbs, seq, dec.vocab_size, enc.num_image_tokens, enc.embed_dim,
+        args.caption_fraction, device)
+    image_fraction = flops.image_positions_fraction(microbatches)  # reads the device, once
+    return Setup(cfg=cfg, overrides=overrides, recipe=recipe, device=device,
                  precision=precision, microbatches=microbatches,
                  loss_tokens=float(batch["loss_mask"].sum()),
                  caption_fraction=float(batch["image_mask"].any(1).sum()) / gbs,
                  image_fraction=image_fraction,
                  flops_per_token=flops.flops_per_token(cfg, image_fraction),
-                 peak=flops.peak_flops(device_name) if cuda else None, device_name=device_name)
+                 peaks=peaks, device_name=device_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +365,7 @@ def _torch_variant(setup: Setup, compile_model: bool):
     def step():
         optimizer.zero_grad(set_to_none=True)
         total = None
-        for mb in setup.microbatches:
-            mb = _to_device(mb, setup.device)
+        for mb in setup.microbatches:  # on the device already: nothing is copied here
             with _autocast(setup):
                 per_token = forward(mb["tokens"], mb["image_mask"], mb.get("image_embeddings"),
                                     mb["labels"])
@@ -393,27 +394,30 @@ def _megatron_variant(setup: Setup, te: bool, fp8: bool):
 
     cfg = load_config(setup.recipe, setup.overrides + (["train.fp8=hybrid"] if fp8 else []))
     if _RUNTIME is None:
-        if "MASTER_PORT" not in os.environ:  # one process: any free port will do
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        # Without MASTER_PORT the runtime's store binds a free port itself, in one step.
         _RUNTIME = initialize(1, 1, backend=cfg.parallel.backend,
                               timeout_minutes=cfg.parallel.timeout_minutes)
         if _RUNTIME.world_size != 1:
             raise ValueError(f"the bench runs in one process; WORLD_SIZE={_RUNTIME.world_size}")
+    if _RUNTIME.device != setup.device:  # the train step would copy every micro-batch
+        raise RuntimeError(f"the runtime computes on {_RUNTIME.device}, the bench's batches are "
+                           f"on {setup.device}")
     torch.manual_seed(0)
     model = build_model(cfg, use_transformer_engine=te)  # on the runtime's device
     state = setup_training(model, cfg)
     n = len(setup.microbatches)
 
     def step():
-        # Host micro-batches: the train step copies them (the next one while one computes)
-        # and leaves the loss on the device, as in training between log steps.
+        # The micro-batches are on the step's device, so the train step passes them through
+        # uncopied; it leaves the loss on the device, as in training between log steps.
         return _DeviceLoss(train_step(state, setup.microbatches, n, cfg,
                                       summarize=False)["loss_sums"])
 
     precision = "fp8 hybrid" if fp8 else setup.precision
-    return step, precision, "megatron DDP + optimizer" + (", TE spec" if te else ", local spec")
+    from megatron_vlm.training.grad_finalize import GRAD_NORM_KERNEL
+
+    return step, precision, ("megatron DDP + optimizer" + (", TE spec" if te else ", local spec")
+                             + f", grad norm {GRAD_NORM_KERNEL}")
 
 
 def unavailable(variant: str, setup: Setup, asked: bool = True) -> Optional[str]:
@@ -460,23 +464,6 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-@dataclass
-class Row:
-    """One line of the table (and of the JSON ``rows``)."""
-
-    variant: str
-    precision: str = ""
-    tokens_per_s: Optional[float] = None
-    step_s: Optional[float] = None
-    tflops: Optional[float] = None
-    mfu: Optional[float] = None
-    peak_mem_gib: Optional[float] = None
-    ratio_vs_torch: Optional[float] = None
-    ratio_vs_compile: Optional[float] = None
-    loss: Optional[float] = None
-    note: str = ""
-
-
 def measure(variant: str, setup: Setup, warmup: int, steps: int, asked: bool = True) -> Row:
     """Builds ``variant``, runs ``warmup`` then ``steps`` timed steps; a row with the median.
     ``asked``: the variant was named in --variants (not just the default list)."""
@@ -490,7 +477,7 @@ def measure(variant: str, setup: Setup, warmup: int, steps: int, asked: bool = T
     step, precision, note = (
         _torch_variant(setup, compile_model=variant == "torch+compile")
         if variant.startswith("torch")
-        else _megatron_variant(setup, te="-te" in variant, fp8=variant.endswith("fp8")))
+        else _megatron_variant(setup, te="-te" in variant, fp8=variant in FP8_VARIANTS))
     loss, times = None, []
     try:
         for _ in range(warmup):
@@ -505,51 +492,21 @@ def measure(variant: str, setup: Setup, warmup: int, steps: int, asked: bool = T
         if variant == "torch+compile" and type(err).__module__.startswith("torch._"):
             return Row(variant, precision, note=f"n/a: torch.compile failed: {_first_line(err)}")
         raise
-    step_s = statistics.median(times)
-    tokens_per_s = setup.cfg.train.global_batch_size * setup.cfg.train.seq_length / step_s
-    flops_per_s = setup.flops_per_token * tokens_per_s
     peak_mem = (torch.cuda.max_memory_allocated() / 2**30 if cuda
                 else _rss_peak_gib() if peak_reset else None)
     note += ", peak = process RSS" if not cuda and peak_mem is not None else ""
     del step
     _free_memory(setup.device)
-    return Row(variant, precision, tokens_per_s, step_s, flops_per_s / 1e12,
-               setup.peak and flops_per_s / setup.peak, peak_mem,
-               loss=None if loss is None else float(loss), note=note)
+    tokens_per_step = setup.cfg.train.global_batch_size * setup.cfg.train.seq_length
+    return Row(variant, precision,
+               **figures(statistics.median(times), tokens_per_step, setup.flops_per_token,
+                         setup.peaks, fp8=variant in FP8_VARIANTS),
+               peak_mem_gib=peak_mem, loss=None if loss is None else float(loss), note=note)
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
-
-
-def add_ratios(rows: list[Row]) -> None:
-    """Throughput of each row against the torch and torch+compile rows of the same run."""
-    by_name = {r.variant: r.tokens_per_s for r in rows}
-    for row in rows:
-        if row.tokens_per_s is None:
-            continue
-        if by_name.get("torch"):
-            row.ratio_vs_torch = row.tokens_per_s / by_name["torch"]
-        if by_name.get("torch+compile"):
-            row.ratio_vs_compile = row.tokens_per_s / by_name["torch+compile"]
-
-
-def format_table(rows: list[Row]) -> str:
-    """The rows as fixed-width text."""
-    def num(value, fmt):
-        return "n/a" if value is None else format(value, fmt)
-
-    head = (f"{'variant':<16} {'precision':<14} {'tokens/s':>10} {'step s':>8} {'TFLOP/s':>8} "
-            f"{'MFU':>6} {'peak GiB':>8} {'vs torch':>8} {'vs compile':>10} {'loss':>7}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.variant:<16} {r.precision or '-':<14} {num(r.tokens_per_s, ',.0f'):>10} "
-            f"{num(r.step_s, '.4f'):>8} {num(r.tflops, '.3f'):>8} {num(r.mfu, '.1%'):>6} "
-            f"{num(r.peak_mem_gib, '.2f'):>8} {num(r.ratio_vs_torch, '.2f'):>8} "
-            f"{num(r.ratio_vs_compile, '.2f'):>10} {num(r.loss, '.3f'):>7}  {r.note}")
-    return "\n".join(lines)
 
 
 def _version(name: str) -> Optional[str]:
@@ -559,13 +516,38 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
+def report(setup: Setup, args: argparse.Namespace, argv: list, rows: list[Row],
+           complete: bool) -> dict:
+    """The JSON record: the setup, device, versions and peaks, and the rows so far. Its shape
+    stays {"rows": [...], ...} (tools/gpu_check.py reads it while the bench runs)."""
+    train = setup.cfg.train
+    return {
+        "complete": complete,  # false: more variants were to come (or the run was stopped)
+        "device": setup.device_name, "torch": torch.__version__,
+        "megatron_core": _version("megatron-core"),
+        "transformer_engine": _version("transformer-engine"),
+        "command": shlex.join([sys.executable, __file__, *argv]),
+        "cpu_threads": torch.get_num_threads(),
+        "recipe": setup.recipe, "precision": setup.precision,
+        "seq_length": train.seq_length, "micro_batch_size": train.micro_batch_size,
+        "global_batch_size": train.global_batch_size, "steps": args.steps,
+        "warmup": args.warmup, "caption_fraction": setup.caption_fraction,
+        "image_fraction": setup.image_fraction, "flops_per_token": setup.flops_per_token,
+        "batch_device": str(setup.device),  # made there once, before the variants
+        "peak": setup.peaks.as_dict(), "rows": [asdict(r) for r in rows],
+    }
+
+
 def main(argv: Optional[list] = None) -> int:
     """Runs the bench; exit status 0, 1 when a variant failed, 2 for bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    json_path = Path(args.json) if args.json else None
     try:
+        if json_path is not None:  # before minutes of measuring, not after
+            json_path.parent.mkdir(parents=True, exist_ok=True)
         setup = build_setup(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from megatron_vlm.training import flops
@@ -575,11 +557,12 @@ def main(argv: Optional[list] = None) -> int:
           + ("" if setup.device.type == "cuda" else
              f" (CPU: the recipe's train.params_dtype); {torch.get_num_threads()} threads"))
     print(f"batch: {train.global_batch_size} x {train.seq_length} tokens per step in "
-          f"{len(setup.microbatches)} micro-batches of {train.micro_batch_size}; caption rows "
-          f"{setup.caption_fraction:.1%} of tokens (asked {args.caption_fraction:.0%}), image "
-          f"positions {setup.image_fraction:.2%}; {args.warmup} warmup + {args.steps} timed steps")
-    print(flops.formula(setup.cfg, setup.image_fraction,
-                        device_name=setup.device_name if setup.device.type == "cuda" else None))
+          f"{len(setup.microbatches)} micro-batches of {train.micro_batch_size}, made once on "
+          f"{setup.device}; caption rows {setup.caption_fraction:.1%} of tokens (asked "
+          f"{args.caption_fraction:.0%}), image positions {setup.image_fraction:.2%}; "
+          f"{args.warmup} warmup + {args.steps} timed steps")
+    print(flops.formula(setup.cfg, setup.image_fraction, device_name=setup.device_name,
+                        peaks=setup.peaks))
     # The baselines run first: on a CPU host the megatron variants install a redirect layer
     # that intercepts every torch call for the rest of the process.
     rows, failed = [], False
@@ -592,25 +575,13 @@ def main(argv: Optional[list] = None) -> int:
             rows.append(Row(variant, note=f"error: {_first_line(err)}"))
             print(f"{variant} failed: {err!r}", file=sys.stderr)
             _free_memory(setup.device)
-    add_ratios(rows)
+        add_ratios(rows)
+        if json_path is not None:  # after every variant: a stopped run keeps the finished ones
+            write_json(json_path, report(setup, args, argv, rows, complete=False))
     bad = [r.variant for r in rows if r.tokens_per_s is not None
            and not (math.isfinite(r.tokens_per_s) and (r.loss is None or math.isfinite(r.loss)))]
-    if args.json:
-        report = {
-            "device": setup.device_name, "torch": torch.__version__,
-            "megatron_core": _version("megatron-core"),
-            "transformer_engine": _version("transformer-engine"),
-            "command": shlex.join([sys.executable, __file__, *argv]),
-            "cpu_threads": torch.get_num_threads(),
-            "recipe": setup.recipe, "precision": setup.precision,
-            "seq_length": train.seq_length, "micro_batch_size": train.micro_batch_size,
-            "global_batch_size": train.global_batch_size, "steps": args.steps,
-            "warmup": args.warmup, "caption_fraction": setup.caption_fraction,
-            "image_fraction": setup.image_fraction, "flops_per_token": setup.flops_per_token,
-            "peak_flops": setup.peak, "rows": [asdict(r) for r in rows],
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if json_path is not None:
+        write_json(json_path, report(setup, args, argv, rows, complete=True))
     if bad:
         print(f"non-finite figures in: {', '.join(bad)}", file=sys.stderr)
     print(format_table(rows))
