@@ -6,8 +6,9 @@
 #   make quickstart  the paper in miniature on the CPU (text -> image-text -> fine-tuning ->
 #                    evaluation with and without the images), about 5 minutes
 #   make wheelhouse  download what an air-gapped GPU machine installs into wheelhouse/, in copies
-#                    of at most 64 MiB (WHEEL_PYTHON, WHEEL_PLATFORM, WHEEL_TORCH, TE=VERSION|none,
-#                    TE_CUDA; see docs/gpu.md); tools/gpu_check.py installs it there
+#                    that fit one 64 MiB command with the working tree (WHEEL_PYTHON,
+#                    WHEEL_PLATFORM, WHEEL_TORCH, TE=VERSION|none, TE_CUDA, WHEEL_BATCH_MIB; see
+#                    docs/gpu.md); tools/gpu_check.py installs it there
 #   make clean       remove caches and build leftovers (keeps .venv and runs/)
 #   make distclean   clean, and remove .venv too
 
@@ -24,6 +25,8 @@ WHEEL_TORCH ?= 2.11.0
 TE ?= 2.11.0
 TE_CUDA ?= 13
 WHEELHOUSE ?= wheelhouse
+# One copy (a batchNN/ folder): a command carries 64 MiB with the working tree (about 2.2 MiB).
+WHEEL_BATCH_MIB ?= 56
 # The builder needs only pip (and reaches the package index): the project's .venv where there is
 # one, else $(PYTHON).
 WHEEL_BUILDER = $(if $(wildcard $(VPY)),$(VPY),$(PYTHON))
@@ -46,7 +49,8 @@ quickstart: install
 
 wheelhouse:
 	$(WHEEL_BUILDER) tools/wheelhouse.py --out $(WHEELHOUSE) --python-version $(WHEEL_PYTHON) \
-		--platform $(WHEEL_PLATFORM) --torch $(WHEEL_TORCH) --te $(TE) --te-cuda $(TE_CUDA)
+		--platform $(WHEEL_PLATFORM) --torch $(WHEEL_TORCH) --te $(TE) --te-cuda $(TE_CUDA) \
+		--batch-mib $(WHEEL_BATCH_MIB)
 
 clean:
 	rm -f $(STAMP)

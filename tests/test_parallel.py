@@ -18,12 +18,11 @@ LAYOUTS = {  # name: (ranks, arguments)
     # splice before the scatter, norm gradients reduced over TP) and overlapped gradient
     # reduce-scatter / parameter all-gather.
     "tp2_sequence_parallel": (2, ["--tp", "2", "performance.sequence_parallel=true"]),
-    "dp2_overlap": (2, ["--dp", "2", "--distributed-optimizer",
-                        "performance.overlap_grad_reduce=true",
-                        "performance.overlap_param_gather=true"]),
-    # Micro-batches of one row: every other one has no image, and megatron's overlapped
+    # With micro-batches of one row every other one has no image, and megatron's overlapped
     # gradient reduction still needs a gradient from the projector and the trainable encoder.
-    "dp2_overlap_text_only_microbatches": (2, ["--dp", "2", "performance.overlap_grad_reduce=true",
+    "dp2_overlap_text_only_microbatches": (2, ["--dp", "2", "--distributed-optimizer",
+                                               "performance.overlap_grad_reduce=true",
+                                               "performance.overlap_param_gather=true",
                                                "train.micro_batch_size=1",
                                                "model.encoder.mode=online",
                                                "model.encoder.frozen=false"]),
