@@ -11,13 +11,14 @@ import sys
 import pytest
 from distributed import REPO, free_port
 
-# What the shorter version (CI's) must show: the images help. With 4 fine-tuning epochs it has
-# learned VQA from the images (0.654 with them, 0.531 with blank images, here) but not yet POPE
-# (0.487 both) and barely the boxes (about 0.05-0.07 either way), so its vision stable score moves
-# by only +0.034, and by how much depends on the data order (+0.058 with the blend index's earlier
-# shuffle). VQA's gain is what this run is long enough to show; the full quickstart shows the
-# whole stable score (examples/quickstart/README.md). Training on the CPU is deterministic, so a run of
-# the same code on a machine like this one gives the same figures.
+# What the shorter version (CI's) must show: the images help. With 6 fine-tuning epochs it has
+# learned VQA from the images (0.671 with them, 0.548 with blank images; from an image-text
+# checkpoint of another trajectory 0.682 and 0.539) and POPE only sometimes (0.672 against 0.482,
+# or 0.516 against 0.487), so its vision stable score rises by +0.101 or +0.043. At 4 epochs the
+# VQA gain was +0.123 on one 2-core machine and +0.011 on another (float rounding differs by CPU
+# and the run is near the point where the model starts to use the images): VQA's gain at 6
+# epochs is what this run is long enough to show; the full quickstart shows the whole stable
+# score (examples/quickstart/README.md).
 SHORT_MIN_VQA_GAIN = 0.05
 
 
@@ -31,8 +32,8 @@ def test_paper_in_miniature_short_learns_from_images(tmp_path):
     proc = run("--short", cwd=tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    stages = ["data", "text", "image_text/ckpt80", "finetune/ckpt80_ft4",
-              "evaluate/finetune/ckpt80_ft4", "evaluate_blank/finetune/ckpt80_ft4"]
+    stages = ["data", "text", "image_text/ckpt80", "finetune/ckpt80_ft6",
+              "evaluate/finetune/ckpt80_ft6", "evaluate_blank/finetune/ckpt80_ft6"]
     for i, stage in enumerate(stages, 1):  # one line when a stage starts, one when it is done
         assert re.search(rf"\[{i}/6\] {re.escape(stage)}: start \(log ", out), stage
         assert re.search(rf"\[{i}/6\] {re.escape(stage)}: done in ", out), stage

@@ -23,8 +23,8 @@ With precomputed image embeddings (the default) the encoder costs nothing during
 MFU = achieved model FLOP/s per GPU / the GPU's dense peak. Every run is measured against the
 dense bf16 peak, so runs of any precision compare directly; an FP8 run is also measured against
 the dense FP8 peak (about twice the bf16 one), which says how much of the FP8 hardware it used.
-The bench's rows name the peak, ``mfu_bf16_peak`` and ``mfu_fp8_peak`` (:func:`mfu_by_peak`);
-the training log's ``mfu`` is against the bf16 peak (:func:`peak_flops`).
+The bench's rows and the training log name the peak, ``mfu_bf16_peak`` and ``mfu_fp8_peak``
+(:func:`mfu_by_peak`).
 
 The peaks come from :data:`PEAKS`, keyed by the CUDA device name, unless
 ``MEGATRON_VLM_PEAK_TFLOPS=BF16[,FP8]`` (dense TFLOP/s per GPU) gives this machine's own, for a
