@@ -1,13 +1,10 @@
-"""The rows of bench/train_throughput.py: a row's figures from its step time, the fixed-width
-table, and the JSON file, rewritten atomically while the bench runs (tools/gpu_check.py reads it
-then)."""
+"""The rows of bench/train_throughput.py: a row's figures from its step time and the
+fixed-width table (the JSON file is written with megatron_vlm.fsutil.write_json_atomic,
+so tools/gpu_check.py, reading it while the bench runs, never sees half of one)."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 
@@ -72,15 +69,3 @@ def format_table(rows: list[Row]) -> str:
             f"{num(r.peak_mem_gib, '.2f'):>8} {num(r.ratio_vs_torch, '.2f'):>8} "
             f"{num(r.ratio_vs_compile, '.2f'):>10} {num(r.loss, '.3f'):>7}  {r.note}")
     return "\n".join(lines)
-
-
-def write_json(path: Path, record: dict) -> None:
-    """Writes ``record`` to ``path`` through a temporary file in the same folder and
-    os.replace, so a reader (or a run stopped mid-write) sees the old file or the new one,
-    never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -74,7 +74,7 @@ from torch import nn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 import throughput_batches  # noqa: E402
-from throughput_report import Row, add_ratios, figures, format_table, write_json  # noqa: E402
+from throughput_report import Row, add_ratios, figures, format_table  # noqa: E402
 
 VARIANTS = ("torch", "torch+compile", "megatron-local", "megatron-te", "megatron-te-fp8")
 FP8_VARIANTS = ("megatron-te-fp8",)  # measured against the FP8 peak too
@@ -550,6 +550,7 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from megatron_vlm.fsutil import write_json_atomic
     from megatron_vlm.training import flops
 
     train = setup.cfg.train
@@ -577,11 +578,11 @@ def main(argv: Optional[list] = None) -> int:
             _free_memory(setup.device)
         add_ratios(rows)
         if json_path is not None:  # after every variant: a stopped run keeps the finished ones
-            write_json(json_path, report(setup, args, argv, rows, complete=False))
+            write_json_atomic(json_path, report(setup, args, argv, rows, complete=False))
     bad = [r.variant for r in rows if r.tokens_per_s is not None
            and not (math.isfinite(r.tokens_per_s) and (r.loss is None or math.isfinite(r.loss)))]
     if json_path is not None:
-        write_json(json_path, report(setup, args, argv, rows, complete=True))
+        write_json_atomic(json_path, report(setup, args, argv, rows, complete=True))
     if bad:
         print(f"non-finite figures in: {', '.join(bad)}", file=sys.stderr)
     print(format_table(rows))

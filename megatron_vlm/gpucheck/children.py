@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from megatron_vlm.fsutil import write_text_atomic
 from megatron_vlm.gpucheck import proctree
 
 PR_SET_PDEATHSIG = 1
@@ -139,9 +140,7 @@ class CappedLog:
                 return
             text = "".join(self._done) + self._running_text()
             self._dirty = False
-        partial = self.path.with_name(f".{self.path.name}.tmp")
-        partial.write_text(text, errors="replace")
-        os.replace(partial, self.path)
+        write_text_atomic(self.path, text)
 
 
 def _pump(stream, log: CappedLog) -> None:

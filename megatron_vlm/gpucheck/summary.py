@@ -10,13 +10,13 @@ kill at any moment leaves the previous whole file.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from megatron_vlm.fsutil import write_json_atomic
 
 SUMMARY = "summary.json"
 FORMAT = 1
@@ -45,9 +45,7 @@ class Summary:
     def write(self) -> None:
         self.data["updated"] = _now()
         self.data["elapsed_s"] = round(time.monotonic() - self._start, 1)
-        partial = self.path.with_name(f".{self.path.name}.tmp")
-        partial.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(partial, self.path)
+        write_json_atomic(self.path, self.data)
 
     def set(self, key: str, value) -> None:
         self.data[key] = value

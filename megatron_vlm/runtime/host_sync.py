@@ -24,9 +24,10 @@ frame that asked for it, otherwise every read is collected in :attr:`HostReadMon
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -83,27 +84,24 @@ _MACHINERY = ("/runtime/host_sync.py", "/torch/utils/_python_dispatch.py", "/tor
               "/torch/_compile.py", "/torch/_dynamo/eval_frame.py")
 
 
-def _host_state_read() -> Optional[str]:
-    """Why the read under way touches host memory only, or None."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+def _origin() -> tuple[str, Optional[str]]:
+    """(the innermost frame outside torch and this layer: the code that asked for the read,
+    why the read touches host memory only, or None), from one walk of the stack."""
+    stack = traceback.extract_stack()[:-2]
+    host_state = None
+    for frame in reversed(stack):  # the frame doing the read, under the modes' machinery
         name = frame.filename.replace("\\", "/")
         if name.endswith(_MACHINERY):
             continue
-        for (suffix, function), why in HOST_STATE_READS.items():
-            if name.endswith(suffix) and frame.name == function:
-                return why
-        return None
-    return None
-
-
-def _caller() -> str:
-    """The innermost frame outside torch and this module: the code that asked for the read."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+        host_state = next((why for (suffix, function), why in HOST_STATE_READS.items()
+                           if name.endswith(suffix) and frame.name == function), None)
+        break
+    for frame in reversed(stack):
         name = frame.filename.replace("\\", "/")
         if "/torch/" in name or name.endswith(("/runtime/host_sync.py", "/runtime/cpu_compat.py")):
             continue
-        return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return "?"
+        return f"{frame.filename}:{frame.lineno} in {frame.name}", host_state
+    return "?", host_state
 
 
 def _names_cpu(device) -> bool:
@@ -170,10 +168,8 @@ class HostReadMonitor:
         self._modes: list = []
 
     def record(self, op: str, reason: str) -> None:
-        read = HostRead(op, reason, _caller())
-        host_state = _host_state_read()
-        if host_state is not None:
-            read = HostRead(op, host_state, read.where)
+        where, host_state = _origin()
+        read = HostRead(op, host_state or reason, where)
         if self._allow_depth or host_state is not None:
             self.allowed.append(read)
             return
@@ -191,8 +187,13 @@ class HostReadMonitor:
         elif name == "synchronize":
             self.record("torch.cuda.synchronize", "waits for the device")
 
-    def allow(self) -> "_Allowed":
-        return _Allowed(self)
+    @contextlib.contextmanager
+    def allow(self) -> Iterator[None]:
+        self._allow_depth += 1
+        try:
+            yield
+        finally:
+            self._allow_depth -= 1
 
     def __enter__(self) -> "HostReadMonitor":
         from megatron_vlm.runtime import cpu_compat
@@ -218,14 +219,3 @@ class HostReadMonitor:
             counts[str(read)] = counts.get(str(read), 0) + 1
         lines = [f"{n} x {text}" for text, n in sorted(counts.items(), key=lambda kv: -kv[1])]
         return "\n".join(lines[:limit])
-
-
-class _Allowed:
-    def __init__(self, monitor: HostReadMonitor):
-        self.monitor = monitor
-
-    def __enter__(self):
-        self.monitor._allow_depth += 1
-
-    def __exit__(self, *exc):
-        self.monitor._allow_depth -= 1

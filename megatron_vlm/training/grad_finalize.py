@@ -28,6 +28,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+from megatron_vlm.runtime.distributed import current_device
+
 # Which gradient-norm path ran (logged at start, and in the benchmark's notes): this one, in
 # place of megatron-core's (apex's or TE's multi-tensor kernel with a host read, or without
 # either a host read per gradient tensor).
@@ -74,10 +76,7 @@ def clip_grad_norm(optimizer, max_norm: float) -> torch.Tensor:
     so that it is at most ``max_norm``; no host read."""
     parts = _parts(optimizer)
     for_norm = [g for part in parts for g in part.get_main_grads_for_grad_norm()]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    if for_norm:
-        device = for_norm[0].device
+    device = for_norm[0].device if for_norm else current_device()
     squares = torch.zeros((), dtype=torch.float32, device=device)
     by_dtype: dict = {}
     for grad in for_norm:
