@@ -2,9 +2,11 @@
 #
 #   make install     create .venv and install the package with its test tools (no-op when
 #                    pyproject.toml has not changed since the last install)
-#   make test        run the test suite (slow and gpu tests are left out; see pyproject.toml)
+#   make test        the default test tier: every module, in minutes (tests marked slow or gpu
+#                    are left out; docs/testing.md)
+#   make test-all    every test that runs without a GPU, the slow ones included (what CI runs)
 #   make quickstart  the paper in miniature on the CPU (text -> image-text -> fine-tuning ->
-#                    evaluation with and without the images), about 5 minutes
+#                    evaluation with and without the images), about 15 minutes on 2 cores
 #   make wheelhouse  download what an air-gapped GPU machine installs into wheelhouse/, in copies
 #                    that fit one 64 MiB command with the working tree (WHEEL_PYTHON,
 #                    WHEEL_PLATFORM, WHEEL_TORCH, TE=VERSION|none, TE_CUDA, WHEEL_BATCH_MIB; see
@@ -18,6 +20,10 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 OFFLINE := HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core by default; TEST_WORKERS=0 runs in this process) and what
+# every run reports at its end: the 20 slowest tests, against the budgets of docs/testing.md.
+TEST_WORKERS ?= auto
+PYTEST = $(OFFLINE) $(VPY) -m pytest -q -n $(TEST_WORKERS) --durations=20
 # The GPU machine the wheelhouse is for, and the Transformer Engine it brings (TE=none: none).
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64
@@ -31,7 +37,7 @@ WHEEL_BATCH_MIB ?= 56
 # one, else $(PYTHON).
 WHEEL_BUILDER = $(if $(wildcard $(VPY)),$(VPY),$(PYTHON))
 
-.PHONY: install test quickstart wheelhouse clean distclean
+.PHONY: install test test-all quickstart wheelhouse clean distclean
 
 install: $(STAMP)
 
@@ -42,7 +48,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: install
-	$(OFFLINE) $(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+test-all: install
+	$(PYTEST) -m 'not gpu' $(PYTEST_ARGS)
 
 quickstart: install
 	$(OFFLINE) $(VPY) -m megatron_vlm.quickstart

@@ -38,9 +38,10 @@ CHECKS = ("logits", "grads", "loss", "params", "reload_logits")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_vlm.cli import OverridesParser
     from megatron_vlm.config import format_help
 
-    parser = argparse.ArgumentParser(
+    parser = OverridesParser(
         prog="python -m megatron_vlm.check_parallel",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: a fresh temporary directory; give a shared path on "
                              "multi-node runs)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_overrides("config overrides")
     return parser.parse_args(argv)
 
 

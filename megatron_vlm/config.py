@@ -492,11 +492,16 @@ class CheckpointConfig(_Section):
     model only; the projector and encoder keep their initialization, e.g. for a projector or
     encoder ablation started from a text run). 'decoder' needs load_optimizer=false."""
     save_fractions: list = field(default_factory=list)
-    """Fractions of the schedule at which to save, e.g. [0.2, 0.4, 0.6, 0.8, 1.0]."""
+    """Fractions of the schedule at which to save, e.g. [0.2, 0.4, 0.6, 0.8, 1.0]: fraction
+    checkpoints, never deleted (not by a run with other fractions either). 1.0 is the final
+    step; a run saves there only with 1.0 here or a train_iters that save_interval divides."""
     save_interval: Optional[int] = None
-    """Also save every this many steps (for resuming after a crash)."""
+    """Also save every this many steps: interval checkpoints, for resuming after a crash."""
     keep_last: int = 2
-    """Interval checkpoints to keep (fraction checkpoints are always kept)."""
+    """Interval checkpoints to keep: the newest keep_last saves that are not fraction
+    checkpoints. Fraction checkpoints never count against it (a step that is both is a
+    fraction checkpoint): save_interval 10 and a fraction at step 24 keep 20, 24 and 30 after
+    30 steps with keep_last 2."""
     resume: bool = True
     """Resume from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one."""
     allow_schedule_change: bool = False
@@ -559,8 +564,20 @@ class EvaluationConfig(_Section):
     'majority' (0.62, the majority class, as DCLM reports it)."""
     chance: dict = field(default_factory=dict)
     """Chance accuracy per task, overriding the built-in table (e.g. {pubmedqa: 0.55})."""
+    custom_tasks: dict = field(default_factory=dict)
+    """Your own image questions as tasks: {NAME: FILE} or {NAME: {file: FILE, scoring: exact|vqa,
+    prompt: TEMPLATE}}. FILE is JSON Lines, one {"image", "question", "answers": [...],
+    "choices": [...] (optional), "id" (optional)} per line, image paths relative to FILE's
+    folder (docs/evaluation.md). They run with every suite (alone: --suite custom) and are
+    reported, not counted in the stable score. scoring: 'exact' (default; normalised exact
+    match) or 'vqa' (VQA accuracy, 4+ answers a question). prompt: the question's text with
+    {question} and {choices}; default '{question}', plus a line of the choices when a question
+    has them, laid out as the checkpoint's fine-tuning conversations."""
 
     def _check(self) -> None:
+        from megatron_vlm.evaluation.custom_task import parse_custom_tasks
+
+        parse_custom_tasks(self.custom_tasks)
         self._check_choice("boolq_chance", ("uniform", "majority"))
         if self.resize_mode is not None:
             self._check_choice("resize_mode", RESIZE_MODES)
@@ -963,14 +980,16 @@ def config_arg_parser(description: str, default_recipe: Optional[str] = None,
                       prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argument parser with ``--recipe`` and ``key=value`` overrides; ``--help`` lists the keys.
 
-    Parse with ``parser.parse_intermixed_args()`` so options and overrides may be interleaved,
-    then ``load_config(args.recipe, args.overrides)``.
+    Parse with ``parser.parse_intermixed_args()`` so options and overrides may be interleaved
+    (also right after a list option's values: :class:`megatron_vlm.cli.OverridesParser`), then
+    ``load_config(args.recipe, args.overrides)``.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=format_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_vlm.cli import OverridesParser
+
+    parser = OverridesParser(prog=prog, description=description, epilog=format_help(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=default_recipe, required=default_recipe is None,
                         help=f"recipe name ({', '.join(available_recipes())}) or path to a YAML "
                              f"file" + (f" (default: {default_recipe})" if default_recipe else ""))
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.lr=1e-3 model.projector.type=linear")
+    parser.add_overrides("config overrides, e.g. train.lr=1e-3 model.projector.type=linear")
     return parser

@@ -16,6 +16,10 @@ for the trainer itself when torchrun started it (its agent is its parent), and
 process, which fork hooks never see). The resource tracker needs nothing: it exits once the
 last process holding its pipe is gone.
 
+Ctrl-C (SIGINT) reaches a whole process group, and torchrun passes it on to each worker's
+group: the helpers leave it to the trainer (they die when it exits), so the trainer's one line
+(:func:`megatron_vlm.cli.run_main`) is all that is printed, not a traceback per helper.
+
 Limits: the signal follows the parent *thread*, so a child forked from a thread other than the
 main one is left alone (that thread may end long before the process); a process that detaches
 on purpose by forking twice would be killed, and none in this stack does. On other systems
@@ -27,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -70,6 +75,15 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     if _forking_from_main_thread:
         die_with_parent(signal.SIGKILL, _forking_pid)
+        # Ctrl-C reaches the whole process group (torchrun passes it on to each worker's):
+        # a helper leaves it to its parent, whose exit ends it, instead of printing a
+        # KeyboardInterrupt traceback of its own. A handler, not SIG_IGN, which exec keeps:
+        # a program started with preexec_fn gets Ctrl-C as usual.
+        signal.signal(signal.SIGINT, _leave_sigint_to_the_parent)
+
+
+def _leave_sigint_to_the_parent(signum, frame) -> None:
+    pass
 
 
 def forked_children_die_with_parent() -> None:
@@ -87,6 +101,23 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def launch_command() -> str:
+    """The command that started this run, as typed, for a line that says to run it again:
+    under torchrun torchrun's (its agent is this process's parent), else this process's own.
+    A script run through its ``#!`` line shows as the interpreter and the script's path, so
+    ``python .../bin/torchrun ...`` is given back as ``torchrun ...``."""
+    argv = list(sys.orig_argv)
+    if under_torchrun():
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")[:-1]
+        except OSError:  # not Linux
+            return "the same torchrun command"
+        if len(argv) > 1 and os.path.basename(argv[1]) == "torchrun":
+            argv = ["torchrun", *argv[2:]]
+    return shlex.join(argv)
+
+
 def tie_to_the_run() -> None:
     """The first thing every entry point does (:func:`megatron_vlm.cli.run_main`): its helpers
     die with it, and under torchrun it dies with the agent. torchrun starts each worker in a session of its own, so a
@@ -96,6 +127,33 @@ def tie_to_the_run() -> None:
     forked_children_die_with_parent()
     if under_torchrun():
         die_with_parent(signal.SIGKILL)
+
+
+class _SpawnedWithSigintBlocked(multiprocessing.context.SpawnProcess):
+    """A spawned process that starts with SIGINT blocked (the mask survives exec), as
+    multiprocessing starts its resource tracker: a Ctrl-C (which reaches the process group)
+    during its start-up would print a traceback of its own. The manager ignores SIGINT once
+    it is up. This process blocks it only while it starts the child, a few milliseconds; a
+    Ctrl-C then waits for the mask to be restored."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        # Started first: starting it (in the spawn, at most once) unblocks SIGINT on its way out.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            # Kept on the process before the mask is restored, which raises a Ctrl-C that came
+            # meanwhile: its caller can still stop the child.
+            process_obj._popen = multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return process_obj._popen
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnedWithSigintBlocked
 
 
 def start_write_results_manager() -> None:
@@ -114,14 +172,21 @@ def start_write_results_manager() -> None:
 
     if filesystem_async._results_queue is not None:
         return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # as megatron-core does
-    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+    manager = SyncManager(ctx=_SpawnContext())  # spawned, as megatron-core does
+    try:
+        manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+    except BaseException:  # Ctrl-C while it starts: it would report to a closed pipe
+        started = getattr(manager, "_process", None)  # set by start() before it waits
+        if started is not None and started.pid is not None:
+            started.kill()
+        raise
     filesystem_async._results_queue = manager.Queue()
 
 
 def stop_write_results_manager() -> None:
-    """Stops the write-results manager once a save is complete, so that it does not hold its
-    memory between saves; the next save starts a new one (about half a second)."""
+    """Stops the write-results manager: a training run's checkpoint writer keeps it from its
+    first save to the end of training (starting one costs seconds, as it imports torch), a
+    one-off save stops it once its save is complete."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     queue = getattr(filesystem_async, "_results_queue", None)

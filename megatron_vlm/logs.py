@@ -40,12 +40,24 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+LOG_LEVEL_ENV = "MEGATRON_VLM_LOG_LEVEL"
+"""DEBUG shows the project's debug lines too (on rank 0); any level name logging knows."""
+
+
 def configure_logging(level: int = logging.INFO) -> logging.Logger:
-    """INFO on rank 0 and WARNING elsewhere for this project; WARNING for megatron-core."""
+    """INFO on rank 0 and WARNING elsewhere for this project (``MEGATRON_VLM_LOG_LEVEL``
+    overrides ``level``); WARNING for megatron-core."""
     from megatron_vlm.progress import quiet_third_party_bars
 
+    asked = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
+    if asked:
+        if not isinstance(logging.getLevelName(asked), int):
+            raise ValueError(f"{LOG_LEVEL_ENV}={asked} is not a log level (DEBUG, INFO, "
+                             "WARNING, ERROR)")
+        level = logging.getLevelName(asked)
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
+    # Other libraries' debug lines stay off: DEBUG is for this project's.
+    logging.basicConfig(level=max(level, logging.INFO) if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)

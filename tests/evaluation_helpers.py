@@ -45,3 +45,17 @@ def small_shapesworld(out: str | Path, eval_images: int) -> Path:
                                     text_docs=50, task_items=5, sentencepiece=False),
              progress=False, fsync=False)
     return Path(out)
+
+
+def save_eval_run(root: str | Path, eval_images: int = 6) -> tuple[Path, Path]:
+    """(ShapesWorld directory, checkpoint): a small ShapesWorld and a tiny random checkpoint in a
+    run's layout, ``ROOT/run/checkpoints/step_0000000``, whose config names ShapesWorld's
+    tokenizer and evaluation data as a trained run's does, so that
+    :func:`megatron_vlm.evaluation.runner.evaluate` runs in-process on it; megatron parallel
+    state must be initialized."""
+    root = Path(root)
+    sw = small_shapesworld(root / "sw", eval_images)
+    checkpoint = save_tiny_checkpoint(root / "run" / "checkpoints" / "step_0000000",
+                                      [f"data.tokenizer={sw / 'tokenizer' / 'tokenizer.json'}",
+                                       f"evaluation.data_root={sw}"])
+    return sw, checkpoint

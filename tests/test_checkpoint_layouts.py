@@ -54,10 +54,8 @@ def assert_continues(straight, resumed, first_step):
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12)
 
 
-@pytest.mark.parametrize("optimizer", [
-    "plain",
-    pytest.param("distributed", marks=pytest.mark.slow),
-])
+@pytest.mark.slow  # torchrun launches; the async-save test covers the writer in the default tier
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
 def test_dp2_checkpoint_resumes_at_dp1_with_the_same_losses(tmp_path, optimizer):
     extra = ["parallel.use_distributed_optimizer=true"] if optimizer == "distributed" else []
     straight = tmp_path / "dp2"
@@ -84,6 +82,7 @@ def test_tp2_checkpoint_resumes_at_tp1_without_its_rng_states(tmp_path):
     assert_continues(straight, tmp_path / "tp1", 3)  # dropout 0: RNG unused
 
 
+@pytest.mark.slow  # torchrun launches; the async-save test covers the writer in the default tier
 def test_rng_states_load_at_another_dp_size_and_earlier_checkpoints_still_load(tmp_path):
     saved = torchrun(SCRIPT, ["save", str(tmp_path)], 2, module=False)
     assert saved.returncode == 0, saved.stderr[-4000:]
@@ -176,6 +175,7 @@ def test_async_save_equals_a_sync_save_and_completes_only_when_finalized(tmp_pat
     assert running(report["writer_processes_seen"]) == []  # the tracker too, once it exited
 
 
+@pytest.mark.slow  # torchrun launches; the async-save test covers the writer in the default tier
 def test_a_process_exiting_during_an_async_save_leaves_no_writer_and_no_complete_checkpoint(
         tmp_path):
     proc, report = run_async(tmp_path, "--exit-without-finish")

@@ -72,3 +72,33 @@ def test_is_user_error_looks_at_where_the_error_was_raised():
     except ValueError as err:
         assert not is_user_error(err)
     assert not is_user_error(ValueError("never raised, no traceback"))
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def _interrupted(main, capsys):
+    """(exit status, stderr) of ``main`` under run_main; a KeyboardInterrupt that escapes fails
+    the test (rather than stopping pytest, which takes it for the user's)."""
+    try:
+        run_main(main, "tool")
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt left run_main (its traceback would be printed)")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    """Ctrl-C used to print a traceback ending in KeyboardInterrupt. Under torchrun every rank
+    gets it, and rank 0 alone says so."""
+    monkeypatch.delenv(SHOW_TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert _interrupted(_ctrl_c, capsys) == (130, "tool: interrupted\n")
+
+    def training():
+        raise KeyboardInterrupt("after step 7 of 10; ...")
+
+    assert _interrupted(training, capsys) == (130, "tool: interrupted after step 7 of 10; ...\n")
+    monkeypatch.setenv("RANK", "1")
+    assert _interrupted(_ctrl_c, capsys) == (130, "")

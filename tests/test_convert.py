@@ -144,6 +144,7 @@ def test_evaluation_scores_a_converted_checkpoint_like_the_reference(runtime, so
         assert (torch.from_numpy(greedy) == (reference[i, :n].argmax(-1) == tokens[i, 1:n + 1])).all()
 
 
+@pytest.mark.slow  # torchrun launches; TP=1 stays in the default tier
 def test_logits_match_reference_at_tp2_and_pp2(source, converted, tmp_path):
     proc = torchrun("tests/scripts/convert_check.py",
                     ["--openlm", str(source[0]), "--converted", str(converted), "--workdir",
@@ -185,6 +186,7 @@ def test_converted_checkpoint_records_schedule_source_and_tokenizer(converted, s
     assert common["projector"] == {"initialized": True, "seed": 1234}
 
 
+@pytest.mark.slow  # a training after a conversion
 def test_converted_checkpoint_continues_its_schedule_in_pretrain(converted, continued):
     from megatron_vlm.training.checkpointing import read_common
     from megatron_vlm.training.schedule import ScheduleMetadata

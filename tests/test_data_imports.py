@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_vlm.config import load_config
@@ -65,6 +66,7 @@ def _run(script: str, *args: str) -> tuple[dict, str]:
     return json.loads(last), "\n".join(lines)
 
 
+@pytest.mark.slow  # a fresh interpreter; the blend-batches import test stays
 def test_importing_the_training_path_imports_no_image_stack():
     report, _ = _run("".join(f"import {m}\n" for m in TRAINING_MODULES))
     assert set(TRAINING_MODULES) <= set(report["loaded"])

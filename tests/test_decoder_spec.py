@@ -354,6 +354,7 @@ def test_attention_dropout_uses_the_model_parallel_rng_and_replays_under_recompu
 # --------------------------------------------------------------- TP=2 (torchrun worker)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_qk_norm_tp2_matches_full_width_reference():
     from distributed import last_json, torchrun
 

@@ -254,6 +254,7 @@ def test_damaged_checkpoint_is_one_clear_line(checkpoint, tmp_path, fault):
 # ------------------------------------------------------------------------ parallel layouts
 
 
+@pytest.mark.slow  # torchrun launches; test_lm_eval_adapter covers the engine end to end
 @pytest.mark.parametrize("tp,pp", [(2, 2), (1, 2)])
 def test_parallel_layout_matches_one_process(engine, checkpoint, tmp_path, tp, pp):
     prompts = make_prompts(seed=7)

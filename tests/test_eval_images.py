@@ -7,6 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Preparing ShapesWorld's shards takes over a minute on 2 cores; the default tier covers the
+# evaluation images through tests/test_evaluate_vlm.py's blank-images test (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ def trained(tmp_path_factory):
     return data, run
 
 
+@pytest.mark.slow  # the trained fixture trains and prepares ShapesWorld (minutes); the blank-images test below covers the runner at a smaller size
 def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_path):
     data, run = trained
     out = tmp_path / "eval"
@@ -54,6 +56,7 @@ def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_
     assert {"accuracy/random", "accuracy/popular", "accuracy/adversarial"} <= set(pope)
     assert set(results["stable_score"]) == {"vision", "text"}
     assert printed["stable_score"]["vision"] == results["stable_score"]["vision"]["score"]
+    assert printed["output"] == str(out)
     lines = (out / "predictions" / "shapesworld_vqa.jsonl").read_text().splitlines()
     assert len(lines) == tasks["shapesworld_vqa"]["metrics"]["n"]
     table = (out / "results.md").read_text()
@@ -71,6 +74,7 @@ def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_
                  "--limit", "6", "--output", str(out), "--no-progress",
                  "evaluation.batch_size=4", "evaluation.max_new_tokens=12")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.rstrip().endswith(f"results in {out}")
     assert again.stderr.count("already scored") == len(tasks)
     assert json.loads((out / "results.json").read_text())["tasks"] == tasks
     # --redo of one suite runs its tasks again and keeps the other suite's results
@@ -84,6 +88,7 @@ def test_shapesworld_suite_writes_results_and_skips_what_is_scored(trained, tmp_
     assert merged["stable_score"]["vision"] == results["stable_score"]["vision"]
 
 
+@pytest.mark.slow  # the trained fixture trains and prepares ShapesWorld (minutes); the blank-images test below covers the runner at a smaller size
 def test_bad_inputs_get_one_clear_line(trained, tmp_path):
     _, run = trained
     missing = tool("tools/evaluate_vlm.py", "--checkpoint", str(run), "--suite",
@@ -105,6 +110,7 @@ def test_bad_inputs_get_one_clear_line(trained, tmp_path):
     assert tool("tools/evaluate_vlm.py", "--help").returncode == 0
 
 
+@pytest.mark.slow  # the trained fixture trains and prepares ShapesWorld (minutes); the blank-images test below covers the runner at a smaller size
 def test_data_parallel_replicas_give_the_single_process_predictions(trained, tmp_path):
     """Two replicas split the examples (an odd number: unequal shares) and gather them back in
     the examples' order: the files equal a one-process run's."""
@@ -123,3 +129,41 @@ def test_data_parallel_replicas_give_the_single_process_predictions(trained, tmp
         one = (tmp_path / "one" / "predictions" / f"{task}.jsonl").read_text()
         two = (tmp_path / "two" / "predictions" / f"{task}.jsonl").read_text()
         assert len(one.splitlines()) == 5 and one == two, task
+
+
+@pytest.fixture(scope="module")
+def eval_run(runtime, tmp_path_factory):
+    """A tiny random checkpoint in a run's layout and a small ShapesWorld (in-process tests)."""
+    from evaluation_helpers import save_eval_run
+
+    return save_eval_run(tmp_path_factory.mktemp("eval_run"), eval_images=4)
+
+
+def test_blank_images_run_never_sees_the_images(eval_run, tmp_path):
+    """evaluation.blank_images=true answers from one blank image: its results say so, its
+    answers differ from those with the images, and it runs without the image files at all."""
+    from megatron_vlm.evaluation.runner import EvalRequest, evaluate
+
+    sw, checkpoint = eval_run
+    # ShapesWorld's evaluation files without its images
+    no_images = tmp_path / "no_images"
+    shutil.copytree(sw / "eval", no_images / "eval", ignore=shutil.ignore_patterns("images"))
+
+    def run(name, *overrides):
+        out = tmp_path / name
+        results = evaluate(EvalRequest(
+            checkpoint=str(checkpoint), suite="shapesworld_vision", tasks=["shapesworld_vqa"],
+            limit=6, output_dir=str(out), progress=False,
+            overrides=["evaluation.max_new_tokens=6", *overrides]))
+        lines = (out / "predictions" / "shapesworld_vqa.jsonl").read_text().splitlines()
+        return (results["tasks"]["shapesworld_vqa"]["settings"]["images"],
+                [json.loads(line)["answer"] for line in lines])
+
+    images, with_images = run("images")
+    blank, without = run("blank", "evaluation.blank_images=true")
+    assert "BLANK" not in images and blank.startswith("BLANK images")
+    assert len(without) == len(with_images) > 1 and without != with_images
+    assert run("blank_no_files", "evaluation.blank_images=true",
+               f"evaluation.data_root={no_images}") == (blank, without)
+    with pytest.raises(FileNotFoundError, match="cannot read image"):
+        run("no_files", f"evaluation.data_root={no_images}")

@@ -150,7 +150,8 @@ STEPS = {
 }
 
 
-@pytest.mark.parametrize("case", list(STEPS))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "79m" else c
+                                  for c in STEPS])
 def test_train_steps_do_not_read_the_device_on_the_host(runtime, case):
     """Two steps: the first untimed (lazy initialisation), the second under the monitor. Only
     the log step's reads (the loss and the gradient norm as floats) are allowed."""

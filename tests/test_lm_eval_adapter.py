@@ -228,6 +228,46 @@ def test_generate_until_is_greedy_and_cut_at_until(lm, direct, tokenizer):
     assert got[2] == tokenizer.decode(five)
 
 
+def test_generate_until_stops_at_end_of_text(direct, tokenizer):
+    """A generation that reaches end-of-text ends there, not after max_gen_toks: the text is cut
+    at the end-of-text string either way, so only the tokens decoded show that EOS is a stop id.
+    End-of-text is moved to a token the model generates early, one whose text does not encode
+    back to it (as sentencepiece's "</s>" does not): lm-eval adds the end-of-text string to
+    `until`, and a one-token stop string would stop generation there without the id."""
+    from megatron_vlm.evaluation.engine import Prompt
+    from megatron_vlm.evaluation.lm_eval_adapter import MegatronVLMLM
+
+    class Recording:
+        """The engine, keeping every generation it returns."""
+
+        def __init__(self, engine):
+            self.engine, self.max_length, self.generations = engine, engine.max_length, []
+
+        def generate(self, prompts, **kwargs):
+            out = self.engine.generate(prompts, **kwargs)
+            self.generations += out
+            return out
+
+    class EarlyEnd:
+        """The tokenizer with another end-of-text id."""
+
+        def __init__(self, tok, eos_id):
+            self._tok, self.eos_id = tok, eos_id
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+    context = "The red circle"
+    free = direct.generate([Prompt(tokens=tokenizer.encode(context))], max_new_tokens=8)[0].tokens
+    end = next(i for i in range(1, len(free)) if free[i] not in free[:i]  # emitted there first
+               and tokenizer.encode(tokenizer.decode([free[i]])) != [free[i]])
+    engine = Recording(direct)
+    lm = MegatronVLMLM(engine, EarlyEnd(tokenizer, free[end]), batch_size=3)
+    lm.generate_until([SimpleNamespace(args=(context, {"until": ["\u2603"], "max_gen_toks": 8}),
+                                       task_name="g", doc_id=0)], disable_tqdm=True)
+    assert [(g.tokens, g.stop) for g in engine.generations] == [(free[:end], "stop")]
+
+
 def test_bad_requests_name_the_request(lm):
     from megatron_vlm.evaluation.lm_eval_adapter import MegatronVLMLM
 
@@ -396,6 +436,7 @@ def _assert_every_rank_matches(ranks, direct, tokenizer, tolerance):
             assert close(value, want, tolerance), (where, value, want)
 
 
+@pytest.mark.slow  # torchrun launches
 def test_parallel_layouts_equal_one_process(tmp_path, checkpoint, shapesworld, direct,
                                             tokenizer):
     """Every rank ends with all results, in order, equal to the one-process reference. With the

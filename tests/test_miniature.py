@@ -55,6 +55,34 @@ def test_short_version_and_overrides_reach_every_training_stage():
         miniature_plan(overrides=["train.no_such_key=1"])
 
 
+# Training work between two saves of a quickstart stage, in tokens: what one core trains in
+# about a minute (one thread trains about 7,600 tokens per CPU-second, measured for the text
+# stage's 256-token and the image stages' 128-token sequences alike), so an interruption of a
+# run on 2 cores loses less than a minute. The fine-tuning stage once saved only at its end:
+# a rerun after an interruption redid up to its 4,956 steps.
+MAX_TOKENS_BETWEEN_SAVES = 450_000
+
+
+def test_every_training_stage_saves_often_enough_to_lose_under_a_minute():
+    from megatron_vlm.training.schedule import checkpoint_steps
+
+    for short in (False, True):
+        for run in miniature_plan(short).runs:
+            if run.resolved is None:  # data and evaluations: nothing to resume
+                continue
+            train, ckpt = run.resolved["train"], run.resolved["checkpoint"]
+            steps, interval = train["train_iters"], ckpt["save_interval"]
+            # the steps the training loop saves at, and the start a rerun would go back to
+            saves = {0, steps, *checkpoint_steps(steps, ckpt["save_fractions"]),
+                     *(range(interval, steps, interval) if interval else ())}
+            order = sorted(saves)
+            gap = max(b - a for a, b in zip(order, order[1:]))
+            tokens = gap * train["global_batch_size"] * train["seq_length"]
+            assert tokens <= MAX_TOKENS_BETWEEN_SAVES, (run.id, short, gap, tokens)
+            # the newest interval checkpoint is all a resume needs: no disk for older ones
+            assert ckpt["keep_last"] == 1, run.id
+
+
 def _results(path, tasks, vision, text=None):
     path.mkdir(parents=True, exist_ok=True)
     stable = {"vision": {"score": vision}}

@@ -93,6 +93,7 @@ def test_fake_cache_covers_the_suite():
     assert scored_rows("arc_easy", LIMIT) == 3 and scored_rows("arc_easy", None) == 4
 
 
+@pytest.mark.slow  # the paper_run fixture trains and runs the whole suite (over a minute)
 def test_paper_suite_runs_offline(paper_run):
     results = paper_run["suite"]
     assert list(results) == list(PAPER_ENTRIES)
@@ -108,6 +109,7 @@ def test_paper_suite_runs_offline(paper_run):
             assert _fraction_of(value, n), (name, value, n)
 
 
+@pytest.mark.slow  # the paper_run fixture trains and runs the whole suite (over a minute)
 def test_agieval_lsat_is_the_unweighted_mean_of_its_sections(paper_run):
     lsat = paper_run["suite"]["agieval_lsat"]
     parts = lsat["parts"]
@@ -120,6 +122,7 @@ def test_agieval_lsat_is_the_unweighted_mean_of_its_sections(paper_run):
     assert lsat["n"] == 3 + 3 + 2
 
 
+@pytest.mark.slow  # the paper_run fixture trains and runs the whole suite (over a minute)
 def test_missing_dataset_is_one_clear_error(paper_run):
     error = paper_run["missing"]["dataset"]
     path, entry = MISSING_DATASET
@@ -131,6 +134,7 @@ def test_missing_dataset_is_one_clear_error(paper_run):
     assert path in message and "fill the cache" in message, message
 
 
+@pytest.mark.slow  # the paper_run fixture trains and runs the whole suite (over a minute)
 def test_missing_config_is_the_same_clear_error_naming_the_config(paper_run):
     """A data set whose other config is cached: datasets raises a ValueError, which the suite
     turns into the same one-line FileNotFoundError as a missing data set."""
@@ -141,6 +145,7 @@ def test_missing_config_is_the_same_clear_error_naming_the_config(paper_run):
     assert path in error["message"] and repr(config) in error["message"], error
 
 
+@pytest.mark.slow  # the paper_run fixture trains and runs the whole suite (over a minute)
 def test_evaluate_vlm_paper_text_offline(paper_run, tmp_path):
     env = write_fake_cache(tmp_path / "cache")  # a full cache: the child removed data sets
     done = subprocess.run(

@@ -39,11 +39,13 @@ LAYOUTS = {  # name: (ranks, arguments)
 
 # The plain TP=2 and PP=2 layouts are contained in tp2_pp2 (TP without sequence parallelism, and
 # the pipeline, with the plain optimizer); CI runs that one and leaves these two to `-m slow`.
-SLOW_LAYOUTS = {"tp2", "pp2"}
+# One layout in the default tier (DP=2 with overlapped reduce through text-only micro-batches,
+# the path most likely to break); the others in the slow tier (docs/testing.md).
+FAST_LAYOUTS = {"dp2_overlap_text_only_microbatches"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS
-                                  else n for n in LAYOUTS])
+@pytest.mark.parametrize("name", [n if n in FAST_LAYOUTS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in LAYOUTS])
 def test_layout_matches_single_process(name):
     ranks, args = LAYOUTS[name]
     proc = torchrun("megatron_vlm.check_parallel", args + ["--json"], nproc=ranks)
@@ -63,12 +65,14 @@ def test_layout_matches_single_process(name):
     assert all(abs(a - b) <= 1e-5 for a, b in zip(losses, result["reference_losses"]))
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_mismatched_world_size_is_a_clear_error():
     proc = torchrun("megatron_vlm.check_parallel", ["--tp", "2", "--dp", "2"], nproc=2)
     assert proc.returncode != 0
     assert "world size is 2" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a torchrun launch; the pp layouts check the same split
 def test_pipeline_stages_split_layers_and_hold_projector_on_first_stage():
     proc = torchrun("tests/scripts/pp_layout.py", [], nproc=2, module=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,8 +1,10 @@
-"""Tokenizer loading and tools/preprocess_text.py: JSONL and parquet to IndexedDataset shards,
-malformed records, resume with byte-identical shards, worker pool, command line."""
+"""Tokenizer loading and tools/preprocess_text.py: JSONL, parquet and plain text to
+IndexedDataset shards, malformed records, resume with byte-identical shards, worker pool,
+command line."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -61,6 +63,14 @@ def _write_jsonl(path, texts, field="text") -> str:
         for t in texts:
             f.write(json.dumps({field: t, "id": 1}) + "\n")
     return str(path)
+
+
+def _documents(prefix: str) -> list[list[int]]:
+    out = []
+    for p in text_shard_prefixes(prefix):
+        ds = open_text_dataset(p)
+        out.extend(np.array(ds[i]).tolist() for i in range(len(ds)))
+    return out
 
 
 def _shard_bytes(prefix: str) -> dict[str, bytes]:
@@ -272,6 +282,7 @@ def test_command_line(tmp_path, hf_tokenizer, repo_root):
     tool = str(repo_root / "tools" / "preprocess_text.py")
     out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--docs-per-shard" in out.stdout and "--max-skips" in out.stdout
+    assert "--txt-document {block,file}" in out.stdout
     src = tmp_path / "a.jsonl"
     src.write_text(json.dumps({"text": "hello world"}) + "\n{oops\n")
     cmd = [sys.executable, tool, "--input", str(src), "--tokenizer", hf_tokenizer,
@@ -286,6 +297,68 @@ def test_command_line(tmp_path, hf_tokenizer, repo_root):
     missing = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")] + cmd[4:],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "input not found" in missing.stderr
+
+
+# ---- plain text ------------------------------------------------------------------------------
+
+def test_plain_text_blocks_files_and_directories(tmp_path, hf_tokenizer):
+    """A .txt file is read as blank-line-separated documents ('block') or as one document
+    ('file'); directories pick .txt files up beside JSONL, sorted by path."""
+    src = tmp_path / "in"
+    src.mkdir()
+    # A byte order mark, CRLF and whitespace-only lines, runs of blank lines, a last line
+    # without a line break.
+    (src / "a.txt").write_bytes(b"\xef\xbb\xbf\n  first doc\r\nline two\r\n \t\r\n\n"
+                                + "second: caf\u00e9\n\n\n  third  ".encode())
+    _write_jsonl(src / "b.jsonl", ["from jsonl"])
+    with gzip.open(src / "c.txt.gz", "wb") as f:
+        f.write(b"zipped one\n\nzipped two\n")
+    (src / "notes.md").write_text("not an input")
+    tok = load_tokenizer(hf_tokenizer)
+    blocks = preprocess_text([str(src)], hf_tokenizer, str(tmp_path / "blocks" / "t"),
+                             progress=False)
+    expected = ["  first doc\r\nline two", "second: caf\u00e9", "  third  ", "from jsonl",
+                "zipped one", "zipped two"]
+    assert (blocks.documents, blocks.skipped) == (6, 0)
+    assert _documents(str(tmp_path / "blocks" / "t")) == [tok.encode(t) + [tok.eos_id]
+                                                          for t in expected]
+    manifest = json.load(open(text_manifest_path(str(tmp_path / "blocks" / "t"))))
+    assert [os.path.basename(e["path"]) for e in manifest["inputs"]] == ["a.txt", "b.jsonl",
+                                                                         "c.txt.gz"]
+    assert manifest["shards"]["0"]["first_record"] == f"{src / 'a.txt'}:2"
+
+    files = preprocess_text([str(src / "a.txt"), str(src / "c.txt.gz")], hf_tokenizer,
+                            str(tmp_path / "files" / "t"), txt_document="file", progress=False)
+    assert files.documents == 2
+    whole = "  first doc\r\nline two\r\n \t\r\n\nsecond: caf\u00e9\n\n\n  third  "
+    assert _documents(str(tmp_path / "files" / "t")) == [
+        tok.encode(t) + [tok.eos_id] for t in (whole, "zipped one\n\nzipped two")]
+    # The mode is a setting of the shards: resuming them in the other mode is refused.
+    with pytest.raises(ValueError, match="different settings.*txt_document"):
+        preprocess_text([str(src / "a.txt"), str(src / "c.txt.gz")], hf_tokenizer,
+                        str(tmp_path / "files" / "t"), progress=False)
+    with pytest.raises(ValueError, match="unsupported input type.*\\.txt"):
+        preprocess_text([str(src / "notes.md")], hf_tokenizer, str(tmp_path / "x" / "t"),
+                        progress=False)
+    with pytest.raises(ValueError, match="txt_document='page' must be one of block, file"):
+        preprocess_text([str(src)], hf_tokenizer, str(tmp_path / "x" / "t"),
+                        txt_document="page", progress=False)
+
+
+def test_plain_text_not_utf8_names_file_and_line(tmp_path, hf_tokenizer):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"good one\n\nstill fine\nna\xefve caf\xe9\n\nlast good\n")
+    summary = preprocess_text([str(path)], hf_tokenizer, str(tmp_path / "o" / "t"), max_skips=1,
+                              progress=False)
+    assert (summary.documents, summary.skipped) == (2, 1)
+    assert summary.skipped_records == [
+        f"{path}:4: not valid UTF-8 (invalid continuation byte at byte 2); the document of "
+        f"lines 3-4 is skipped"]
+    with pytest.raises(ValueError) as err:
+        preprocess_text([str(path)], hf_tokenizer, str(tmp_path / "o2" / "t"), progress=False)
+    assert str(err.value) == (f"{path}:4: not valid UTF-8 (invalid continuation byte at byte 2); "
+                              f"the document of lines 3-4 is skipped; more than --max-skips=0 "
+                              f"malformed records")
 
 
 @pytest.mark.parametrize("cut", ["bin_end", "bin_half", "idx_body", "idx_header"])

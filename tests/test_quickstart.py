@@ -28,6 +28,8 @@ def run(*args, timeout=600, cwd=REPO):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the paper in miniature: minutes on 2 cores, twice test-all's per-test limit
+@pytest.mark.timeout(1500)
 def test_paper_in_miniature_short_learns_from_images(tmp_path):
     proc = run("--short", cwd=tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

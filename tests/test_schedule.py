@@ -386,6 +386,7 @@ def test_plot_tool_errors_name_the_spec(repo_root, tmp_path):
 
 
 
+@pytest.mark.slow  # two trainings
 def test_plot_from_training_configs_branches_a_continued_run(repo_root, tmp_path):
     text_dir = tmp_path / "text"
     (tmp_path / "text.yaml").write_text(textwrap.dedent(f"""\

@@ -141,9 +141,36 @@ def test_gqa_exact_match_after_punctuation_and_case():
     ("I am not sure", "no"), ("Nope", "yes"),
     ("Yes. There is no dog.", "yes"),  # only the first sentence counts
     ("No!", "yes"),  # the official script splits on spaces only, so "No!" is not the word "No"
+    # The comma is deleted before the words are split, so "No," is the word "No": kept, these
+    # read as "yes" ("No, there is not." is "no" either way, because of "not").
+    ("No, it is a dog.", "no"), ("no, a cat", "no"), ("It is not, sorry", "no"),
+    ("Yes, it is a dog.", "yes"), ("Yes, there is a dog, no doubt.", "no"),
+    ("No,it is a dog", "yes"),  # deleted, not made a space: "Noit" is not a word
+    ("There is a dog. No.", "yes"),  # the first sentence only, whatever follows
 ])
 def test_pope_text_reading(text, expected):
     assert pope_text_answer(text) == expected
+
+
+# --- exact match (custom tasks) -----------------------------------------------------------------
+
+def test_exact_match_normalises_both_sides_and_counts_answers_off_the_choices():
+    from megatron_vlm.evaluation.scorers import TaskScoring, exact_match
+
+    assert exact_match("Two.", ["2"]) and exact_match("the Red car", ["red car", "crimson"])
+    assert exact_match("2", ["two"])  # unlike the VQA rule, the answers are normalised too
+    assert not exact_match("red", ["red car"]) and not exact_match("", ["red"])
+    examples = [ex(1, ["red"], task="mine", choices=("red", "blue")),
+                ex(2, ["blue"], task="mine", choices=("red", "blue")),
+                ex(3, ["3"], task="mine")]
+    metrics = score("mine", examples, preds(**{"1": "Red.", "2": "green", "3": "three"}),
+                    scoring=TaskScoring("exact"))
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["off_choices"] == 0.5  # "green" is no choice of example 2; examples with none
+    vqa = score("mine", [ex(1, ["cat"] * 4)], preds(**{"1": "Cat"}), scoring=TaskScoring("vqa"))
+    assert vqa["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="unknown task 'mine'"):
+        score("mine", examples, {})
 
 
 def test_pope_probabilities_and_ties():

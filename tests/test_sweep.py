@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from megatron_vlm.experiments.execute import stage_done, write_slurm
+from megatron_vlm.experiments.execute import entry_parser, stage_done, write_slurm
 from megatron_vlm.experiments.plan import build_plan, parse_only
 from megatron_vlm.experiments.results_table import read_table
 from megatron_vlm.experiments.sweep_spec import load_sweep
@@ -231,6 +231,67 @@ def test_a_bad_override_stops_the_plan_naming_the_run(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, body))
     with pytest.raises(ValueError, match=r"run image_text/ckpt80: config .*train\.lrr"):
         build_plan(spec)
+
+
+def test_a_continuing_stage_config_gets_its_checkpoint_from_the_sweep(tmp_path):
+    # Neither config names a checkpoint: the sweep wires in the parent run's before the config
+    # is validated, so schedule.mode=continue is not refused for want of checkpoint.load.
+    image_text, finetune = tmp_path / "image_text.yaml", tmp_path / "finetune.yaml"
+    image_text.write_text(f"base: {TINY / 'image_text.yaml'}\ncheckpoint: {{load: null}}\n")
+    finetune.write_text(f"base: {TINY / 'finetune.yaml'}\nschedule: {{mode: continue}}\n"
+                        "checkpoint: {load: null}\n")
+    body = recipe_sweep(tmp_path, {"text_checkpoint": [80]})
+    body["stages"]["image_text"]["config"] = str(image_text)
+    body["stages"]["finetune"]["config"] = str(finetune)
+    plan = build_plan(load_sweep(write_sweep(tmp_path, body)))
+    text, image = plan.run("text"), plan.run("image_text/ckpt80")
+    assert image.resolved["schedule"]["mode"] == "continue"
+    assert image.resolved["checkpoint"]["load"] == str(
+        text.run_dir / "checkpoints" / "step_0000032")
+    assert plan.run("finetune/ckpt80").resolved["checkpoint"]["load"] == str(
+        image.run_dir / "checkpoints")
+
+
+def evaluate_sweep(tmp_path: Path, **evaluate) -> Path:
+    body = recipe_sweep(tmp_path, {"text_checkpoint": [80]})
+    body["stages"]["evaluate"].update(evaluate)
+    return write_sweep(tmp_path, body)
+
+
+def test_an_evaluation_with_tasks_and_overrides_gets_a_command_that_parses(tmp_path,
+                                                                          monkeypatch):
+    tasks, overrides = ["shapesworld_vqa", "shapesworld_pope"], ["evaluation.data_root=d",
+                                                                  "evaluation.batch_size=4"]
+    path = evaluate_sweep(tmp_path, tasks=tasks, overrides=overrides)
+    monkeypatch.chdir(REPO)
+    assert sweep_tool().main([str(path), "--dry-run"]) == 0  # it parses every command
+    (run,) = build_plan(load_sweep(path)).by_stage("evaluate")
+    args = entry_parser(run.entry).parse_intermixed_args(run.args)
+    assert (args.tasks, args.overrides) == (tasks, overrides)
+
+
+def test_a_bad_evaluation_override_stops_the_plan_naming_the_run(tmp_path):
+    path = evaluate_sweep(tmp_path, overrides=["evaluation.batch_sise=4"])
+    with pytest.raises(ValueError, match=r"run evaluate/finetune/ckpt80: stages\.evaluate\."
+                                         r"overrides: .*batch_sise.*did you mean"):
+        build_plan(load_sweep(path))
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--tensor-parallel"], "its command does not parse (tools/evaluate_vlm.py: argument "
+                            "--tensor-parallel: expected one argument): tools/evaluate_vlm.py"),
+    (["--tasks", "shapesworld_vqa"], "its command gives tasks ['shapesworld_vqa'] where the "
+                                     "sweep means None: "),
+], ids=["a missing value", "tasks outside stages.evaluate.tasks"])
+def test_a_dry_run_refuses_a_command_its_tool_would_refuse_naming_the_run(tmp_path, monkeypatch,
+                                                                         args, problem):
+    path = evaluate_sweep(tmp_path, args=args)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError) as err:
+        sweep_tool().main([str(path), "--dry-run"])
+    text = str(err.value)
+    assert text.startswith(f"{path}: run evaluate/finetune/ckpt80: {problem}"), text
+    assert "\n" not in text
 
 
 def test_the_cli_reports_a_bad_file_in_one_line(tmp_path):
@@ -536,6 +597,12 @@ def test_a_finished_run_with_other_settings_is_refused_or_rerun_when_asked(
     assert (plan.run(image_text).run_dir / RECORD_NAME).is_file()
     spawned.clear()
     assert tool.main([str(path)]) == 0 and spawned == []  # unchanged: everything reused
+    original = config.read_text()
+    # how often a run saves, and what it keeps, change nothing it produced: still reused
+    config.write_text(original.replace("  save_fractions: [1.0]\n", "  save_fractions: [1.0]\n"
+                                       "  save_interval: 7\n  keep_last: 3\n"))
+    assert tool.main([str(path)]) == 0 and spawned == []
+    config.write_text(original)
 
     config.write_text(config.read_text().replace("min_lr: 1e-5", "min_lr: 2e-5"))
     capsys.readouterr()
@@ -629,6 +696,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> No
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # a whole sweep; the fake-spawn tests above cover the runner
 def test_tiny_sweep_killed_midway_resumes_collects_and_reruns_nothing(tmp_path):
     path = e2e_sweep(tmp_path)
     plan = build_plan(load_sweep(path))

@@ -90,6 +90,7 @@ def test_rewarmup_reaches_its_peak_at_the_end_of_warmup(text_run, tmp_path):
     assert lrs[:3] == pytest.approx([0.0, 1e-3, 2e-3]) and lrs[3] == pytest.approx(3e-3)
 
 
+@pytest.mark.slow  # test_claims_rng covers exact resume in-process
 def test_sigkill_and_resume_continue_the_same_losses_bitwise(tmp_path):
     args = ["data.kind=random", "train.train_iters=12", "checkpoint.save_interval=1",
             "checkpoint.keep_last=2", "schedule.warmup_iters=2"]
@@ -123,7 +124,7 @@ def test_sigkill_and_resume_continue_the_same_losses_bitwise(tmp_path):
     assert kept == ["step_0000011", "step_0000012"]
 
 
-@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("frozen", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_frozen_encoder_stays_fixed_and_out_of_the_optimizer(tmp_path, frozen):
     proc = entry("pretrain_vlm.py", "data.kind=random", "train.train_iters=3",
                  "model.encoder.mode=online", f"model.encoder.frozen={str(frozen).lower()}",
@@ -146,6 +147,7 @@ def test_frozen_encoder_stays_fixed_and_out_of_the_optimizer(tmp_path, frozen):
     assert ("vision_encoder" in optimizer_keys) is (not frozen)
 
 
+@pytest.mark.slow  # a dozen starts; test_cli_errors covers the one-line path
 def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
     missing = entry("pretrain_vlm.py", "data.kind=random", f"checkpoint.load={tmp_path}/nowhere",
                     f"output_dir={tmp_path}/a")
@@ -177,6 +179,7 @@ def test_bad_configs_stop_at_start_with_one_clear_error(text_run, tmp_path):
         assert no_wandb.returncode == 2 and "wandb is not installed" in no_wandb.stderr
 
 
+@pytest.mark.slow  # test_checkpoint_rules covers pruning
 def test_resume_with_another_schedule_stops_and_fraction_checkpoints_are_never_pruned(
         text_run, tmp_path):
     import shutil
@@ -221,6 +224,7 @@ def shapesworld(tmp_path_factory):
                                quiet=True)
 
 
+@pytest.mark.slow  # three trainings; the stage tests below cover each stage
 def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_path):
     data = ["data.kind=blend", *shapesworld.overrides(), "train.lr=3e-3"]
     text, image, tuned = tmp_path / "text", tmp_path / "image", tmp_path / "tuned"
@@ -249,6 +253,7 @@ def test_text_then_image_text_from_80_percent_then_finetune(shapesworld, tmp_pat
     assert first_image_lr == pytest.approx(LRSchedule.warmup_cosine(10, 0, 3e-3, 1e-5).lr(8))
 
 
+@pytest.mark.slow  # test_host_sync covers a trainable encoder step
 def test_unfrozen_encoder_trains_on_image_shards_through_the_loader(shapesworld, tmp_path):
     """model.encoder.mode=online on ShapesWorld's image shards: the blend loader's worker
     decodes the images, the encoder trains; precomputed mode on the same shards is one clear
@@ -272,6 +277,7 @@ def test_unfrozen_encoder_trains_on_image_shards_through_the_loader(shapesworld,
     assert "holds images" in wrong.stderr and "model.encoder.mode=online" in wrong.stderr
 
 
+@pytest.mark.slow  # two trainings
 def test_projector_ablation_starts_from_the_text_run_decoder(text_run, tmp_path):
     """A linear projector cannot take the text run's 2-layer projector weights: the decoder
     alone loads (and, without load_parts=decoder, the mismatch is one clear error)."""
@@ -287,3 +293,100 @@ def test_projector_ablation_starts_from_the_text_run_decoder(text_run, tmp_path)
     with_optimizer = entry("pretrain_vlm.py", *common[:-1], "checkpoint.load_parts=decoder",
                            f"output_dir={tmp_path}/c")
     assert with_optimizer.returncode == 2 and "load_optimizer=false" in with_optimizer.stderr
+
+
+# ---- the start and the throughput figure, in this process -----------------------------------
+
+# The smallest run: 4 steps of 2 sequences of 32 positions, a log line every step.
+SMALL = ["data.kind=random", "train.train_iters=4", "train.global_batch_size=2",
+         "train.micro_batch_size=2", "train.seq_length=32", "train.log_interval=1"]
+
+
+def test_the_data_is_checked_before_the_model_is_built(runtime, tmp_path, monkeypatch):
+    """A missing data path used to stop the run only after the model was built (12 s of the
+    tiny recipe on 2 cores), and leave an empty run directory behind."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.model import build
+    from megatron_vlm.training.loop import train
+
+    def no_model(cfg):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(build, "build_model", no_model)
+    out = tmp_path / "run"
+    cfg = load_config("tiny", [*SMALL, "data.kind=blend", "data.ratios={text: 1.0}",
+                               f"data.tokenizer={tmp_path}/nowhere/tokenizer.json",
+                               f"data.text={tmp_path}/nowhere/text", f"output_dir={out}"])
+    with pytest.raises(FileNotFoundError, match="nowhere/tokenizer.json"):
+        train(cfg)
+    assert not out.exists()
+
+
+def test_a_failed_start_removes_what_it_created_and_nothing_else(runtime, tmp_path, monkeypatch):
+    """A start that fails once the run directory is made (a checkpoint that does not fit the
+    model, Ctrl-C) removes the directory, or in one that was there, what it added."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.model import build
+    from megatron_vlm.training.loop import train
+
+    def failing_model(cfg):
+        raise ValueError("the model does not build")
+
+    monkeypatch.setattr(build, "build_model", failing_model)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="does not build"):
+        train(load_config("tiny", [*SMALL, f"output_dir={fresh}"]))
+    assert not fresh.exists()
+    there = tmp_path / "there"
+    (there / "notes").mkdir(parents=True)
+    (there / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="does not build"):
+        train(load_config("tiny", [*SMALL, f"output_dir={there}"]))
+    assert sorted(p.name for p in there.iterdir()) == ["metrics.jsonl", "notes"]
+
+
+def test_tokens_per_second_leave_out_checkpoint_saves(runtime, tmp_path, monkeypatch):
+    """tokens/s jumped between 3.6k and 27k on one run: a log interval holding a checkpoint
+    save counted the save as training. With a save that takes 2 s, the step after it still
+    reports a step's speed, and the save's seconds are reported apart."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training.loop import train
+
+    save_s = 2.0
+
+    def slow_save(self, directory, model, optimizer, common, update_latest=True, on_done=None):
+        time.sleep(save_s)
+        on_done(directory)
+        return directory
+
+    monkeypatch.setattr(ckpt.CheckpointWriter, "save", slow_save)
+    cfg = load_config("tiny", [*SMALL, "checkpoint.save_interval=2", f"output_dir={tmp_path}"])
+    history = {m["step"]: m for m in train(cfg)}
+    tokens_per_step = 2 * 32
+    after_save = tokens_per_step / history[3]["tokens_per_s"]  # the seconds step 3 counted
+    assert after_save < save_s / 2, history[3]
+    assert history[3]["checkpoint_s"] >= save_s and "checkpoint_s" not in history[2]
+    assert "loader_startup_s" in history[1]  # the first batch, timed apart too
+
+
+def test_an_interrupted_run_says_where_it_stopped_and_how_to_go_on(tmp_path):
+    """The line Ctrl-C prints (tests/test_process_lifecycle.py sends the signal): the last
+    step, the checkpoint the same command resumes from, and that command."""
+    from megatron_vlm.config import load_config
+    from megatron_vlm.training.loop import where_it_stopped
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "train.train_iters=10"])
+    assert where_it_stopped(cfg, 3, "CMD") == \
+        "after step 3 of 10, with no checkpoint saved; to start it again, run the same command: CMD"
+    assert where_it_stopped(cfg, None, "CMD").startswith("during the start, with no checkpoint")
+    step = tmp_path / "checkpoints" / "step_0000006"
+    step.mkdir(parents=True)
+    (step / "common.json").write_text(json.dumps({"step": 6}))
+    (step.parent / "latest").write_text(step.name)
+    assert where_it_stopped(cfg, 7, "CMD") == (
+        f"after step 7 of 10; its last checkpoint is {step} (step 6); to resume from it, run the "
+        "same command: CMD")
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "checkpoint.resume=false"])
+    assert where_it_stopped(cfg, 7, "CMD").endswith(
+        "run the same command with checkpoint.resume=true: CMD")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_vlm._compat.torchvision_shim import ensure_torchvision_importable
+from megatron_vlm.cli import is_user_error
 from megatron_vlm.model.vision_encoder import (
     SiglipPatchEncoder,
     build_vision_encoder,
@@ -67,6 +68,7 @@ def test_tiny_tower_output_shape():
 
 
 def test_so400m_parameter_count_on_meta_device():
+    ensure_torchvision_importable()  # open_clip imports torchvision (also when run alone)
     import open_clip
 
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -147,6 +149,91 @@ def test_bad_weights_file_names_the_key_and_file(tmp_path, corrupt, expected):
         build_vision_encoder(encoder_cfg(weights_path=str(path)))
     msg = str(err.value)
     assert all(part in msg for part in expected) and str(path) in msg, msg
+
+
+def _save_safetensors(state, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def test_weights_of_another_encoder_are_one_line_naming_both(tmp_path):
+    """open_clip's file of another encoder (here: wider, one block more) is refused with one
+    line naming the file, the first tensors of other shapes (expected vs found), the extra
+    keys, and what the recipe's encoder and the file's seem to be."""
+    other = build_vision_encoder(encoder_cfg(
+        embed_dim=48, custom_vision_cfg=dict(TINY_VISION, width=48, layers=3)))
+    path = _save_safetensors({f"visual.{k}": v for k, v in other.visual.state_dict().items()},
+                             tmp_path / "open_clip_model.safetensors")
+    with pytest.raises(ValueError) as err:
+        build_vision_encoder(encoder_cfg(weights_path=path))
+    msg = str(err.value)
+    assert "\n" not in msg and is_user_error(err.value)
+    assert msg.startswith(f"vision encoder weights {path!r} do not fit "
+                          f"model.encoder.open_clip_model='custom': shapes differ: "
+                          f"class_embedding expected [32] found [48]; "
+                          f"positional_embedding expected [17, 32] found [17, 48]; "), msg
+    assert "unexpected keys: transformer.resblocks.2." in msg
+    assert msg.endswith("the encoder is an open_clip ViT tower: width 32, 2 blocks, patch 14, "
+                        "4x4 patches; the file seems to hold an open_clip ViT tower: width 48, "
+                        "3 blocks, patch 14, 4x4 patches"), msg
+
+
+def test_check_command_says_whether_a_file_fits_the_recipe(tmp_path, capsys):
+    """python -m megatron_vlm.model.vision_encoder --recipe R model.encoder.weights_path=F"""
+    from megatron_vlm.model.vision_encoder import main
+
+    fits = _save_safetensors(build_vision_encoder(encoder_cfg()).state_dict(),
+                             tmp_path / "ok.safetensors")
+    assert main(["--recipe", "tiny", f"model.encoder.weights_path={fits}"]) == 0
+    assert capsys.readouterr().out == (f"{fits} fits model.encoder.open_clip_model='custom' (an "
+                                       f"open_clip ViT tower: width 32, 2 blocks, patch 14, 4x4 "
+                                       f"patches)\n")
+    wider = build_vision_encoder(encoder_cfg(
+        embed_dim=48, custom_vision_cfg=dict(TINY_VISION, width=48)))
+    bad = _save_safetensors(wider.state_dict(), tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="class_embedding expected \\[32\\] found \\[48\\]") as err:
+        main(["--recipe", "tiny", f"model.encoder.weights_path={bad}"])
+    assert is_user_error(err.value)
+    with pytest.raises(ValueError, match="model.encoder.weights_path is null") as err:
+        main(["--recipe", "tiny"])
+    assert is_user_error(err.value)
+
+
+def test_weights_of_a_known_other_layout_are_named(tmp_path):
+    """Files that are not open_clip's (a transformers checkpoint, a bare timm state dict) and
+    an open_clip SigLIP of another size are told apart from their key names and shapes."""
+    def blocks(prefix, n, width):
+        return {f"{prefix}{i}.norm1.weight": torch.zeros(width) for i in range(n)}
+
+    files = {
+        "transformers": ({"vision_model.embeddings.patch_embedding.weight":
+                              torch.zeros(8, 3, 14, 14),
+                          "vision_model.embeddings.position_embedding.weight": torch.zeros(729, 8),
+                          **blocks("vision_model.encoder.layers.", 3, 8)},
+                         "a Hugging Face transformers checkpoint (vision_model.* keys: not "
+                         "open_clip's file): width 8, 3 blocks, patch 14, 27x27 patches"),
+        # SigLIP so400m at 224 px (256 positions, no class token) where 384 px was meant.
+        "timm_in_open_clip": ({"trunk.patch_embed.proj.weight": torch.zeros(8, 3, 14, 14),
+                               "trunk.pos_embed": torch.zeros(1, 256, 8),
+                               **blocks("trunk.blocks.", 27, 8)},
+                              "a timm ViT tower in open_clip's layout: width 8, 27 blocks, "
+                              "patch 14, 16x16 patches"),
+        "bare_timm": ({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+                       "pos_embed": torch.zeros(1, 50, 8), **blocks("blocks.", 2, 8)},
+                      "a bare timm ViT state dict (no open_clip 'trunk.' prefix: not "
+                      "open_clip's file): width 8, 2 blocks, patch 16, 7x7 patches"),
+        "unknown": ({"weight": torch.zeros(3)},
+                    "the file is no image tower this check knows (open_clip, timm or "
+                    "transformers)"),
+    }
+    for name, (state, said) in files.items():
+        path = _save_safetensors(state, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError) as err:
+            build_vision_encoder(encoder_cfg(weights_path=path))
+        assert str(err.value).endswith(said), (name, str(err.value))
+        assert "missing keys: class_embedding, conv1.weight" in str(err.value)
 
 
 def test_missing_weights_file_names_path(tmp_path):

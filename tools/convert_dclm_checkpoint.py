@@ -31,8 +31,10 @@ PROG = "convert_dclm_checkpoint"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_vlm.cli import OverridesParser
+
+    p = OverridesParser(prog=PROG, description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, metavar="PATH",
                    help="OpenLM epoch_K.pt, a .pt state dict, or HF-layout safetensors "
                         "(file or directory)")
@@ -74,8 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-hash", action="store_true",
                    help="skip the sha256 of the input files recorded in common.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides (not the decoder shape)")
+    p.add_overrides("config overrides (not the decoder shape)")
     return p.parse_intermixed_args(argv)
 
 

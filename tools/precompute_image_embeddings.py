@@ -44,14 +44,12 @@ Examples:
 from megatron_vlm.logs import configure_logging
 
 import os
-import re
 from typing import List, Optional
 
 from megatron_vlm.cli import run_main
 
 PROG = "precompute_image_embeddings"
 STORES = ("embeddings", "images")
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser():
@@ -110,14 +108,8 @@ def build_parser():
 
 def parse_args(argv: Optional[List[str]] = None):
     p = build_parser()
+    # An override after --tar's paths is not one of them (config_arg_parser takes it out).
     args = p.parse_intermixed_args(argv)
-    # `--tar a.tar b.tar key=value` puts the override into --tar's list: move it back.
-    if args.tar:
-        moved = [t for t in args.tar if _OVERRIDE.match(t) and not os.path.exists(t)]
-        args.tar = [t for t in args.tar if t not in moved]
-        args.overrides = list(args.overrides) + moved
-        if not args.tar:
-            p.error("--tar needs at least one path")
     folder_mode = args.jsonl is not None or args.image_list is not None
     if bool(args.tar) == folder_mode:
         p.error("give either --tar PATH... or --jsonl FILE / --image-list FILE (with --image-folder)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a text corpus (JSONL or parquet) into megatron-core IndexedDataset shards.
+"""Tokenize a text corpus (JSONL, parquet or plain text) into megatron-core IndexedDataset shards.
 
 Writes PREFIX_00000.bin/.idx, PREFIX_00001.bin/.idx, ... (int32 tokens, one megatron document
 per input document, EOS appended after every document, no BOS) and PREFIX.manifest.json.
@@ -8,13 +8,22 @@ rest are rewritten byte for byte as an uninterrupted run would write them. The m
 holds each input's size and sha256: a rerun after an input changed (even at the same size), or
 with other settings, stops with an error naming what changed unless --overwrite. Inputs that
 hold no documents are a warning (training refuses such a corpus).
+
+Plain-text files (.txt, also .txt.gz / .txt.zst) hold one document per block of lines
+separated by blank lines, or one document per file with --txt-document file.
+
+  python tools/preprocess_text.py --input corpus/ --tokenizer tokenizer.json \\
+      --output-prefix shards/text/corpus
+  python tools/preprocess_text.py --input books/ --txt-document file --tokenizer tokenizer.json \\
+      --output-prefix shards/text/books
 """
 
 from megatron_vlm.logs import configure_logging
 
 import argparse
 
-from megatron_vlm.cli import add_progress_arg, add_tokenizer_args, log_summary, run_main
+from megatron_vlm.cli import (add_corpus_args, add_progress_arg, add_tokenizer_args, log_summary,
+                              run_main)
 
 PROG = "preprocess_text"
 
@@ -22,24 +31,15 @@ PROG = "preprocess_text"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="JSONL files (.jsonl/.json, optionally .gz or .zst) with one JSON object "
-                        "per line, or parquet files; a directory stands for all such files under "
-                        "it (sorted). Documents are numbered in this order.")
+    add_corpus_args(p)
     add_tokenizer_args(p)
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="output path prefix: shards PREFIX_00000.bin/.idx, ... and "
                         "PREFIX.manifest.json")
-    p.add_argument("--field", default="text",
-                   help="the JSON field / parquet column holding the document text "
-                        "(default: %(default)s)")
     p.add_argument("--docs-per-shard", type=int, default=100_000, metavar="N",
                    help="documents per output shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes; 1 tokenizes in this process (default: %(default)s)")
-    p.add_argument("--max-skips", type=int, default=0, metavar="N",
-                   help="malformed records (invalid JSON, missing or non-string field) to skip "
-                        "and list before stopping with an error (default: %(default)s)")
     p.add_argument("--chunk-size", type=int, default=512, metavar="N",
                    help="documents per tokenizer call (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         args.input, args.tokenizer, args.output_prefix, docs_per_shard=args.docs_per_shard,
         field=args.field, workers=args.workers, max_skips=args.max_skips,
         eos_token=args.eos_token, overwrite=args.overwrite, progress=not args.no_progress,
-        chunk_size=args.chunk_size)
+        chunk_size=args.chunk_size, txt_document=args.txt_document)
     log_summary(log, PROG, summary)
     return 0
 

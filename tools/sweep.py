@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the plan (runs in dependency order, shared stages, commands, "
-                           "which runs are done) and the GPU-hours estimate; run nothing")
+                           "which runs are done) and the GPU-hours estimate; run nothing. "
+                           "Every command is parsed by its tool's own parser first (also "
+                           "before a run or --slurm)")
     mode.add_argument("--slurm", metavar="DIR",
                       help="write one SLURM job script per run not done yet and DIR/submit.sh, "
                            "which submits them with sbatch --dependency=afterok; run nothing")
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         Interrupted,
         LocalRunner,
         StageFailed,
+        check_commands,
         stage_done,
         write_slurm,
     )
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     plan = build_plan(spec, only) if only else full
     if not plan.points:
         raise ValueError(f"--only {' '.join(args.only)} leaves no grid point")
+    if not args.collect:
+        check_commands(plan)  # a command its tool would refuse stops the sweep before it starts
 
     stale, _ = check_records(plan, stage_done) if not args.collect else ({}, [])
 

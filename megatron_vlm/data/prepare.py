@@ -192,17 +192,16 @@ def prepare_image_shards(root: str | os.PathLike, recipe: str = "tiny", override
 
 def main(argv=None) -> int:
     """``python -m megatron_vlm.data.prepare ROOT [options] [key=value ...]``."""
-    import argparse
+    from megatron_vlm.cli import OverridesParser
 
-    parser = argparse.ArgumentParser(
+    parser = OverridesParser(
         prog="python -m megatron_vlm.data.prepare",
         description="Runs the data tools on ShapesWorld: raw files under ROOT/raw, shards a "
                     "blend trains on under ROOT/shards (each tool's command is printed; a rerun "
                     "on a finished directory redoes nothing).")
     parser.add_argument("root", help="output directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides choosing the frozen encoder that embeds the "
-                             "images (model.encoder.*), as for --recipe")
+    parser.add_overrides("config overrides choosing the frozen encoder that embeds the images "
+                         "(model.encoder.*), as for --recipe")
     parser.add_argument("--recipe", default="tiny", help="recipe of the encoder (default tiny)")
     parser.add_argument("--images", type=int, default=192,
                         help="caption pairs, and images with conversations (default 192)")

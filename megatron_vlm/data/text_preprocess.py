@@ -1,12 +1,19 @@
-"""Text corpus preprocessing: JSONL / parquet documents -> megatron-core IndexedDataset shards.
+"""Text corpus preprocessing: JSONL / parquet / plain-text documents -> IndexedDataset shards.
 
 :func:`preprocess_text` (the logic behind ``tools/preprocess_text.py``) tokenizes the documents
-of JSONL (optionally ``.gz`` / ``.zst``) and parquet files, in a pool of spawned tokenizer
-workers when asked, and writes them as text shards ``PREFIX_00000.bin/.idx`` ...
+of JSONL (optionally ``.gz`` / ``.zst``), parquet and plain-text files, in a pool of spawned
+tokenizer workers when asked, and writes them as text shards ``PREFIX_00000.bin/.idx`` ...
 (:class:`megatron_vlm.data.text_shards.TextShardWriter`) plus ``PREFIX.manifest.json``, which
 records the settings and every finished shard so that a rerun resumes and writes the same
-bytes. :func:`expand_text_inputs` and :func:`iter_text_records` are its input side: which files
-a list of paths names, and each record's text or the reason it is malformed.
+bytes. :func:`expand_text_inputs`, :func:`iter_text_records` and :func:`iter_documents` are its
+input side, shared with the tokenizer trainer (:mod:`megatron_vlm.data.tokenizer_training`):
+which files a list of paths names, each record's text or the reason it is malformed, and the
+well-formed documents with the malformed ones counted.
+
+A plain-text file (``.txt``, optionally ``.gz`` / ``.zst``) holds one document per block of
+lines separated by blank lines (``txt_document="block"``), or is one document as a whole
+(``"file"``). A document is its lines as written, without the line break after its last line;
+lines holding only whitespace are blank, and a file's leading UTF-8 byte order mark is dropped.
 
 torch and megatron-core are imported only by the functions that need them (the tokenizing
 workers import neither).
@@ -14,6 +21,7 @@ workers import neither).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -40,10 +48,14 @@ logger = logging.getLogger("megatron_vlm")
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
+TXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
+TEXT_INPUT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + TXT_SUFFIXES
+TXT_DOCUMENT_MODES = ("block", "file")
 
 
 def expand_text_inputs(inputs: Sequence[str]) -> list[str]:
-    """Input paths with each directory replaced by its JSONL/parquet files (recursively, sorted).
+    """Input paths with each directory replaced by its JSONL/parquet/.txt files (recursively,
+    sorted).
 
     A missing path raises FileNotFoundError; an explicit file of another type, ValueError.
     """
@@ -54,14 +66,15 @@ def expand_text_inputs(inputs: Sequence[str]) -> list[str]:
             found = sorted(
                 os.path.join(root, name)
                 for root, _, names in os.walk(path) for name in names
-                if name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
+                if name.lower().endswith(TEXT_INPUT_SUFFIXES))
             if not found:
-                raise ValueError(f"{path}: directory holds no .jsonl/.json(.gz/.zst) or .parquet files")
+                raise ValueError(f"{path}: directory holds no .jsonl/.json, .parquet or .txt "
+                                 f"files (.gz/.zst compressed JSONL and .txt included)")
             files.extend(found)
         elif os.path.isfile(path):
-            if not path.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+            if not path.lower().endswith(TEXT_INPUT_SUFFIXES):
                 raise ValueError(f"{path}: unsupported input type (expected .jsonl, .json, "
-                                 f".jsonl.gz, .jsonl.zst or .parquet)")
+                                 f".parquet or .txt; JSONL and .txt also as .gz or .zst)")
             files.append(path)
         else:
             raise FileNotFoundError(f"input not found: {path}")
@@ -83,15 +96,32 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def iter_text_records(path: str, field: str = "text") -> Iterator[tuple[str, Optional[str], Optional[str]]]:
-    """Yields ``(where, text, problem)`` per record of a JSONL or parquet file.
+def is_txt_input(path: str) -> bool:
+    """Whether ``path`` is read as plain text (its documents have no field)."""
+    return path.lower().endswith(TXT_SUFFIXES)
 
-    ``where`` is ``FILE:LINE`` (1-based) for JSONL and ``FILE:row N`` (0-based) for parquet;
-    exactly one of ``text`` and ``problem`` is None. Blank JSONL lines are not records. A
-    parquet file without the column raises ValueError naming the file and field.
+
+def check_txt_document(txt_document: str) -> None:
+    if txt_document not in TXT_DOCUMENT_MODES:
+        raise ValueError(f"txt_document={txt_document!r} must be one of "
+                         f"{', '.join(TXT_DOCUMENT_MODES)}")
+
+
+def iter_text_records(path: str, field: str = "text", txt_document: str = "block",
+                      ) -> Iterator[tuple[str, Optional[str], Optional[str]]]:
+    """Yields ``(where, text, problem)`` per record of a JSONL, parquet or plain-text file.
+
+    ``where`` is ``FILE:LINE`` (1-based) for JSONL, ``FILE:row N`` (0-based) for parquet and
+    ``FILE:LINE`` of a document's first line for plain text (of its first undecodable line
+    when it is not valid UTF-8); exactly one of ``text`` and ``problem`` is None. Blank JSONL
+    lines are not records, nor is a plain-text file or block of blank lines. A parquet file
+    without the column raises ValueError naming the file and field.
     """
     if path.lower().endswith(PARQUET_SUFFIXES):
         yield from _iter_parquet(path, field)
+        return
+    if is_txt_input(path):
+        yield from _iter_txt(path, txt_document)
         return
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -116,6 +146,68 @@ def iter_text_records(path: str, field: str = "text") -> Iterator[tuple[str, Opt
                 yield where, None, f"field {field!r} is {type(obj[field]).__name__}, not a string"
             else:
                 yield where, obj[field], None
+
+
+def _iter_txt(path: str, txt_document: str):
+    check_txt_document(txt_document)
+    split_on_blank = txt_document == "block"
+    block: list[bytes] = []  # the raw lines of the document being read
+    gap: list[bytes] = []  # blank lines inside a whole-file document, kept if text follows
+    first = 0
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
+                if split_on_blank and block:
+                    yield _txt_record(path, first, block)
+                    block = []
+                elif block:
+                    gap.append(raw)
+                continue
+            if not block:
+                first = lineno
+            block += gap
+            gap = []
+            block.append(raw)
+    if block:
+        yield _txt_record(path, first, block)
+
+
+def _txt_record(path: str, first: int,
+                lines: list[bytes]) -> tuple[str, Optional[str], Optional[str]]:
+    data = b"".join(lines)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # Decoded as one piece (fast); the line and column are found only for the message.
+        line = first + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1)
+        return (f"{path}:{line}", None,
+                f"not valid UTF-8 ({err.reason} at byte {column}); the document of lines "
+                f"{first}-{first + len(lines) - 1} is skipped")
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    return f"{path}:{first}", text, None
+
+
+def iter_documents(files: Sequence[str], field: str, txt_document: str, max_skips: int,
+                   skipped: list[str]) -> Iterator[tuple[str, str]]:
+    """``(where, text)`` of every well-formed record of ``files``, in order.
+
+    Each malformed record is appended to ``skipped`` as ``WHERE: PROBLEM``; the one past
+    ``max_skips`` raises ValueError naming the record (and the field, for JSONL and parquet).
+    """
+    for path in files:
+        named_field = "" if is_txt_input(path) else f" (field {field!r})"
+        for where, text, problem in iter_text_records(path, field, txt_document):
+            if problem is None:
+                yield where, text
+                continue
+            skipped.append(f"{where}: {problem}")
+            if len(skipped) > max_skips:
+                raise ValueError(f"{where}: {problem}{named_field}; more than "
+                                 f"--max-skips={max_skips} malformed records")
 
 
 def _iter_parquet(path: str, field: str):
@@ -243,15 +335,18 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
                     docs_per_shard: int = 100_000, field: str = "text", workers: int = 1,
                     max_skips: int = 0, eos_token: Optional[str] = None,
                     overwrite: bool = False, progress: bool = True, chunk_size: int = 512,
-                    stop_after_shards: Optional[int] = None) -> TextPreprocessSummary:
-    """Tokenizes JSONL/parquet documents into IndexedDataset shards ``PREFIX_00000.bin/.idx``...
+                    stop_after_shards: Optional[int] = None,
+                    txt_document: str = "block") -> TextPreprocessSummary:
+    """Tokenizes JSONL/parquet/.txt documents into IndexedDataset shards ``PREFIX_00000.bin/.idx``...
 
     Every document is tokenized without BOS and followed by the tokenizer's EOS. Valid
     documents are numbered in input order (files in the given order, directories expanded
     sorted) and document ``d`` goes to shard ``d // docs_per_shard``, so the shards depend only
-    on the inputs, the tokenizer and ``docs_per_shard``. Malformed records (invalid JSON or
-    UTF-8, missing or non-string field, null parquet value) are skipped and listed up to
-    ``max_skips``; one more raises ValueError naming the record and field.
+    on the inputs, the tokenizer and ``docs_per_shard``. Plain-text files give a document per
+    blank-line-separated block, or per file with ``txt_document="file"`` (module docstring).
+    Malformed records (invalid JSON or UTF-8, missing or non-string field, null parquet value)
+    are skipped and listed up to ``max_skips``; one more raises ValueError naming the record
+    and field.
 
     Resume: ``PREFIX.manifest.json`` records the settings (the inputs with their sizes and
     sha256, so an input edited in place is noticed even when its size is unchanged) and, per
@@ -274,6 +369,7 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
         raise ValueError(f"docs_per_shard={docs_per_shard} must be at least 1")
     if max_skips < 0:
         raise ValueError(f"max_skips={max_skips} must be >= 0")
+    check_txt_document(txt_document)
     files = expand_text_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_path, eos_token)
     import_indexed_dataset()  # megatron-core's import (seconds) is not part of the timing
@@ -288,6 +384,8 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
         "tokenizer_sha256": sha256_file(tokenizer.path), "eos_id": tokenizer.eos_id,
         "vocab_size": tokenizer.vocab_size, "dtype": "int32", "field": field,
         "docs_per_shard": int(docs_per_shard),
+        # Only where it matters, so that manifests from before .txt inputs still resume.
+        "txt_document": txt_document if any(is_txt_input(p) for p in files) else None,
         # Hashing reads every input once more; tokenizing them costs far more than that.
         "inputs": [{"path": os.path.realpath(p), "bytes": os.path.getsize(p),
                     "sha256": sha256_file(p)} for p in files],
@@ -376,36 +474,27 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
     stop = False
     bar = Progress(None, "preprocess_text", "doc", enabled=progress)
     try:
-        for path in files:
-            for where, text, problem in iter_text_records(path, field):
-                if problem is not None:
-                    summary.skipped += 1
-                    summary.skipped_records.append(f"{where}: {problem}")
-                    if summary.skipped > max_skips:
-                        raise ValueError(f"{where}: {problem} (field {field!r}); more than "
-                                         f"--max-skips={max_skips} malformed records")
-                    continue
-                shard = doc // docs_per_shard
-                if shard in done:
-                    doc += 1
-                    bar.update(1)
-                    continue
-                if shard != chunk_shard or len(chunk) >= chunk_size:
-                    if chunk:
-                        submit(chunk_shard, chunk_first, chunk)
-                    if shard != chunk_shard and stop_after_shards is not None:
-                        # Shards are written in order: once the previous ones are done, stop.
-                        drain(0)
-                        finish_shard()
-                        if summary.shards_written >= stop_after_shards:
-                            stop = True
-                            break
-                    chunk, chunk_first, chunk_shard = [], where, shard
-                chunk.append(text)
+        for where, text in iter_documents(files, field, txt_document, max_skips,
+                                          summary.skipped_records):
+            shard = doc // docs_per_shard
+            if shard in done:
                 doc += 1
                 bar.update(1)
-            if stop:
-                break
+                continue
+            if shard != chunk_shard or len(chunk) >= chunk_size:
+                if chunk:
+                    submit(chunk_shard, chunk_first, chunk)
+                if shard != chunk_shard and stop_after_shards is not None:
+                    # Shards are written in order: once the previous ones are done, stop.
+                    drain(0)
+                    finish_shard()
+                    if summary.shards_written >= stop_after_shards:
+                        stop = True
+                        break
+                chunk, chunk_first, chunk_shard = [], where, shard
+            chunk.append(text)
+            doc += 1
+            bar.update(1)
         if chunk and not stop:
             submit(chunk_shard, chunk_first, chunk)
         drain(0)
@@ -424,6 +513,7 @@ def preprocess_text(inputs: Sequence[str], tokenizer_path: str, output_prefix: s
             pool.join()
 
     summary.stopped_early = stop
+    summary.skipped = len(summary.skipped_records)
     total_shards = (doc + docs_per_shard - 1) // docs_per_shard
     if not stop:
         for k in sorted(done):

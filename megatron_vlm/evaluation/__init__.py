@@ -2,7 +2,8 @@
 (lm-eval), scored into stable scores, on the same megatron-core model at any TP/PP/DP.
 
 One module per concern: ``records`` (the example and prediction records every part shares),
-``tasks`` (loaders of the official annotation layouts), ``prompts``, ``engine`` (a checkpoint
-loaded for inference; batched log-likelihoods and greedy generation with a KV cache),
-``scorers``, ``stable_score``, ``lm_eval_adapter`` and ``runner`` (``tools/evaluate_vlm.py``).
+``tasks`` (loaders of the official annotation layouts), ``custom_task`` (one's own questions
+from a JSON Lines file), ``prompts``, ``engine`` (a checkpoint loaded for inference; batched
+log-likelihoods and greedy generation with a KV cache), ``scorers``, ``stable_score``,
+``lm_eval_adapter`` and ``runner`` (``tools/evaluate_vlm.py``).
 """

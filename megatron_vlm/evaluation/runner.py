@@ -1,7 +1,8 @@
 """Evaluates one checkpoint on a suite: vision tasks, text tasks, stable scores, files.
 
 :func:`evaluate` is what ``tools/evaluate_vlm.py`` runs. Output, in ``output_dir`` (by default
-``CHECKPOINT/eval``; written by global rank 0 only):
+:func:`default_output_dir`: ``RUN/eval/step_NNNNNNN`` for a checkpoint of a run, beside
+``RUN/metrics.jsonl``; written by global rank 0 only):
 
 * ``results.json``: per task its metrics (per split where a task has splits), example count,
   seconds and the settings it was produced with; the stable scores (vision and text); the chance
@@ -9,6 +10,10 @@
 * ``results.md``: the same as a markdown table;
 * ``predictions/TASK.jsonl``: one prediction per vision example (``tools/score_predictions.py``
   re-scores it offline).
+
+The tasks of ``evaluation.custom_tasks`` (:mod:`.custom_task`) run with every suite, after its
+vision tasks (``--suite custom``: alone); their results carry ``"custom": true`` and stay out of
+the stable scores.
 
 A task already in ``results.json`` for the same checkpoint (its common.json fingerprint) and the
 same settings (limit, prompt, generation length, image source) is not run again unless ``redo``;
@@ -18,6 +23,7 @@ results.json is rewritten after every task, so an interrupted evaluation keeps w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,7 +42,7 @@ RESULTS_NAME = "results.json"
 TABLE_NAME = "results.md"
 PREDICTIONS_DIR = "predictions"
 # Metrics shown beside the accuracy in results.md (all of them are in results.json).
-TABLE_DETAILS = ("accuracy/", "unparsable", "invalid", "stderr")
+TABLE_DETAILS = ("accuracy/", "unparsable", "invalid", "off_choices", "stderr")
 # Bumped when prompts or scoring change, so old results are not reused silently.
 EVAL_FORMAT = 1
 
@@ -53,6 +59,7 @@ SUITES = {
     "shapesworld": ("shapesworld", "shapesworld"),
     "shapesworld_vision": ("shapesworld", None),
     "shapesworld_text": (None, "shapesworld"),
+    "custom": (None, None),  # the tasks of evaluation.custom_tasks only
 }
 
 
@@ -82,8 +89,18 @@ def suite_tasks(suite: str) -> tuple[list[str], list[str]]:
             list(suite_task_names(text)) if text else [])
 
 
-def select_tasks(suite: str, tasks: Optional[Sequence[str]]) -> tuple[list[str], list[str]]:
+def select_tasks(suite: str, tasks: Optional[Sequence[str]],
+                 custom: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(vision tasks, text tasks) to run: the suite's, ``custom`` tasks after its vision tasks,
+    only those named in ``tasks`` when given."""
+    from megatron_vlm.evaluation.tasks import VISION_TASKS
+
     vision, text = suite_tasks(suite)
+    clash = [t for t in custom if t in VISION_TASKS or t in text]
+    if clash:
+        raise ValueError(f"evaluation.custom_tasks.{clash[0]}: the name of a built-in task; "
+                         "give your task another name")
+    vision += list(custom)
     if not tasks:
         return vision, text
     unknown = [t for t in tasks if t not in vision and t not in text]
@@ -94,7 +111,31 @@ def select_tasks(suite: str, tasks: Optional[Sequence[str]]) -> tuple[list[str],
 
 
 def default_output_dir(checkpoint_dir: Path) -> Path:
-    return checkpoint_dir / "eval"
+    """Where results go without ``--output``: never inside the checkpoint, which is pruned and
+    copied around. A checkpoint of a run (``RUN/checkpoints/step_NNNNNNN``) gets
+    ``RUN/eval/step_NNNNNNN``, beside the run's metrics.jsonl; any other checkpoint directory
+    (a converted DCLM checkpoint, a copy) gets ``eval/NAME`` beside it in its parent folder."""
+    from megatron_vlm.training.checkpointing import STEP_DIR
+
+    checkpoint_dir = Path(os.path.abspath(checkpoint_dir))
+    if checkpoint_dir.parent.name == "checkpoints" and STEP_DIR.match(checkpoint_dir.name):
+        return checkpoint_dir.parent.parent / "eval" / checkpoint_dir.name
+    return checkpoint_dir.parent / "eval" / checkpoint_dir.name
+
+
+def custom_tasks_of(checkpoint: Path, overrides: Sequence[str]) -> dict:
+    """The custom tasks of the checkpoint's config with ``overrides`` (read before the model is
+    loaded, so that --tasks is checked at once); {} when the checkpoint records no config (the
+    engine then says what is wrong)."""
+    from megatron_vlm.config import config_from_dict
+    from megatron_vlm.evaluation.custom_task import parse_custom_tasks
+    from megatron_vlm.training.checkpointing import COMMON, read_common
+
+    saved = read_common(checkpoint).get("config")
+    if not isinstance(saved, dict):
+        return {}
+    cfg = config_from_dict(saved, str(checkpoint / COMMON), overrides)
+    return parse_custom_tasks(cfg.evaluation.custom_tasks)
 
 
 def checkpoint_fingerprint(checkpoint_dir: Path) -> str:
@@ -146,7 +187,9 @@ def markdown_table(results: dict) -> str:
         details = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())
                             if isinstance(v, float) and k.startswith(TABLE_DETAILS))
         level = chance.get(task, 0.0 if entry["kind"] == "vision" else float("nan"))
-        lines.append(f"| {task} | {entry['kind']} | {_headline(task, metrics):.4f} | "
+        kind = entry["kind"] + (" (custom, not in the stable score)" if entry.get("custom")
+                                else "")
+        lines.append(f"| {task} | {kind} | {_headline(task, metrics):.4f} | "
                      f"{level:.3f} | {metrics.get('n', '')} | {details} |")
     lines += ["", "| stable score | value | tasks |", "|---|---|---|"]
     for kind in ("vision", "text"):
@@ -157,18 +200,23 @@ def markdown_table(results: dict) -> str:
 
 
 def evaluate(request: EvalRequest) -> dict:
-    """Runs the request; returns the results dict (every rank gets it). Megatron parallel state
-    must be initialized (the TP/PP the checkpoint is evaluated at; the rest is data-parallel)."""
+    """Runs the request; returns the results dict (every rank gets it): what results.json
+    holds, and ``output_dir``, where it is. Megatron parallel state must be initialized (the
+    TP/PP the checkpoint is evaluated at; the rest is data-parallel)."""
     from megatron_vlm.config import config_to_dict
     from megatron_vlm.data.tokenizer import load_tokenizer
     from megatron_vlm.evaluation.engine import EvalModel
     from megatron_vlm.fsutil import write_json_atomic, write_text_atomic
     from megatron_vlm.training.checkpointing import resolve_checkpoint
 
-    vision_tasks, text_tasks = select_tasks(request.suite, request.tasks)
     if request.limit is not None and request.limit <= 0:
         raise ValueError(f"--limit must be positive, got {request.limit}")
     checkpoint = resolve_checkpoint(request.checkpoint)
+    custom = custom_tasks_of(checkpoint, request.overrides)
+    vision_tasks, text_tasks = select_tasks(request.suite, request.tasks, list(custom))
+    if not vision_tasks and not text_tasks:
+        raise ValueError(f"suite {request.suite!r} has no tasks: name your own in "
+                         "evaluation.custom_tasks (docs/evaluation.md)")
     eval_model = EvalModel.from_checkpoint(checkpoint, request.overrides)
     cfg = eval_model.cfg
     ev = cfg.evaluation
@@ -181,6 +229,7 @@ def evaluate(request: EvalRequest) -> dict:
                          f"checkpoint's model has {cfg.model.decoder.vocab_size} embedding rows")
     output = Path(request.output_dir) if request.output_dir else default_output_dir(checkpoint)
     results_path = output / RESULTS_NAME
+    logger.info("results go to %s", output)
     previous = load_results(results_path)
     fingerprint = checkpoint_fingerprint(checkpoint)
     if previous and previous.get("checkpoint", {}).get("fingerprint") != fingerprint:
@@ -220,7 +269,7 @@ def evaluate(request: EvalRequest) -> dict:
             write_json_atomic(results_path, results)
 
     if vision_tasks:
-        _run_vision(vision_tasks, eval_model, tokenizer, cfg, request, system_prompt,
+        _run_vision(vision_tasks, custom, eval_model, tokenizer, cfg, request, system_prompt,
                     base_settings, results, reuse, save, output)
     suite_levels: dict = {}
     if text_tasks:
@@ -230,27 +279,29 @@ def evaluate(request: EvalRequest) -> dict:
     results["chance"] = {t: chance.get(t, 0.0) for t in results["tasks"]}
     accuracies = {"vision": {}, "text": {}}
     for task, entry in results["tasks"].items():
-        accuracies[entry["kind"]][task] = _headline(task, entry["metrics"])
+        if not entry.get("custom"):  # one's own questions are reported, not averaged
+            accuracies[entry["kind"]][task] = _headline(task, entry["metrics"])
     results["stable_score"] = {kind: stable_score(accs, chance, kind)
                                for kind, accs in accuracies.items() if accs}
     save()
     if is_global_rank0():
         write_text_atomic(output / TABLE_NAME, markdown_table(results))
         logger.info("results: %s and %s", results_path, output / TABLE_NAME)
-    return results
+    return {**results, "output_dir": str(output)}
 
 
-def _run_vision(tasks, eval_model, tokenizer, cfg, request, system_prompt, base_settings,
-                results, reuse, save, output: Path) -> None:
+def _run_vision(tasks, custom, eval_model, tokenizer, cfg, request, system_prompt,
+                base_settings, results, reuse, save, output: Path) -> None:
     from megatron_vlm.data.samples import resolve_separator
+    from megatron_vlm.evaluation import custom_task
     from megatron_vlm.evaluation import prompts as prompt_lib
     from megatron_vlm.evaluation.eval_images import ImageSource
-    from megatron_vlm.evaluation.scorers import score, write_predictions
+    from megatron_vlm.evaluation.scorers import TaskScoring, score, write_predictions
     from megatron_vlm.evaluation.tasks import VISION_TASKS, load_task
     from megatron_vlm.evaluation.vision import predict
 
     ev = cfg.evaluation
-    if ev.data_root is None:
+    if ev.data_root is None and any(t not in custom for t in tasks):
         raise ValueError("evaluation.data_root is not set: give the folder holding the vision "
                          "benchmarks (docs/evaluation_data.md), e.g. evaluation.data_root=DIR")
     separator_id = resolve_separator(tokenizer, cfg.data.separator_token)
@@ -259,26 +310,36 @@ def _run_vision(tasks, eval_model, tokenizer, cfg, request, system_prompt, base_
                 "%r", ", ".join(tasks), images.describe(), cfg.data.separator_token,
                 separator_id, system_prompt)
     for task in tasks:
-        pope = VISION_TASKS[task].kind == "pope"
+        mine = custom.get(task)
+        pope = mine is None and VISION_TASKS[task].kind == "pope"
         yes_no = pope_token_ids(tokenizer, task) if pope else None
         settings = {**base_settings, "max_new_tokens": ev.max_new_tokens,
-                    "system_prompt": system_prompt, "images": images.describe(),
-                    "data_root": str(ev.data_root)}
+                    "system_prompt": system_prompt, "images": images.describe()}
+        if mine is None:
+            settings["data_root"] = str(ev.data_root)
+        else:
+            settings.update(custom_settings(mine))
         if pope:
             settings["pope_scoring"] = "probabilities" if yes_no else "text"
         if reuse(task, settings):
             continue
-        examples = load_task(task, ev.data_root, limit=request.limit)
-        if not examples:
-            raise ValueError(f"task {task}: no examples under {ev.data_root}")
+        if mine is None:
+            examples = load_task(task, ev.data_root, limit=request.limit)
+            if not examples:
+                raise ValueError(f"task {task}: no examples under {ev.data_root}")
+            prompt_tokens = prompt_lib.prompt_tokens
+        else:
+            examples = custom_task.load_custom_task(mine, limit=request.limit)
+            prompt_tokens = functools.partial(custom_task.prompt_tokens, mine)
         start = time.perf_counter()
         predictions = predict(
             eval_model, examples,
-            lambda ex: prompt_lib.prompt_tokens(ex, tokenizer, separator_id, system_prompt or None),
+            lambda ex: prompt_tokens(ex, tokenizer, separator_id, system_prompt or None),
             images, stop_ids=(separator_id, tokenizer.eos_id), decode=tokenizer.decode,
             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, yes_no=yes_no,
             progress=request.progress and is_global_rank0(), desc=task)
-        metrics = score(task, examples, {p.example_id: p for p in predictions})
+        metrics = score(task, examples, {p.example_id: p for p in predictions},
+                        scoring=None if mine is None else TaskScoring(mine.scoring))
         path = output / PREDICTIONS_DIR / f"{task}.jsonl"
         if is_global_rank0():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +347,21 @@ def _run_vision(tasks, eval_model, tokenizer, cfg, request, system_prompt, base_
         results["tasks"][task] = {"kind": "vision", "metrics": metrics, "settings": settings,
                                   "predictions": str(path.relative_to(output)),
                                   "seconds": round(time.perf_counter() - start, 2)}
+        if mine is not None:
+            results["tasks"][task]["custom"] = True
         logger.info("%s: accuracy %.4f over %d examples", task, metrics["accuracy"], len(examples))
         save()
+
+
+def custom_settings(task) -> dict:
+    """What a custom task's result depends on besides the common settings: its file (by
+    content: an edited file is scored again), scoring and prompt template."""
+    from megatron_vlm.fsutil import sha256_file
+
+    if not os.path.isfile(task.file):
+        raise FileNotFoundError(f"evaluation.custom_tasks.{task.name}: {task.file} not found")
+    return {"file": os.path.abspath(task.file), "sha256": sha256_file(task.file)[:16],
+            "scoring": task.scoring, "prompt": task.prompt}
 
 
 def pope_token_ids(tokenizer, task: str) -> Optional[tuple[list[int], list[int]]]:

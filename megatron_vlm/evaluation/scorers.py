@@ -31,6 +31,11 @@ paper's numbers come from:
   ``yes_ratio/`` (the share of "yes" answers). ``accuracy`` is the MEAN OF THE SPLIT
   ACCURACIES (the paper's number), not the pooled accuracy. A missing prediction counts as the
   wrong answer.
+* Exact match (the tasks of ``evaluation.custom_tasks``, :mod:`.custom_task`): correct when the
+  normalised prediction equals a normalised answer, the VQA normalisation on both sides
+  (punctuation, lowercase, number words, articles). Examples with ``extra["choices"]`` add
+  ``off_choices``: the share of them whose prediction is none of its choices (a missing
+  prediction included); the answers are among the choices, so such a prediction is wrong.
 * Grounding (``refcoco``, ``refcoco+``, ``refcocog``, ``shapesworld_ref``: IoU >= 0.5;
   ``ocid_ref``: IoU >= 0.25, the OCID-Ref paper's threshold). ``Prediction.box`` when given,
   else the first group of four numbers in the text (brackets optional, commas or spaces
@@ -67,7 +72,7 @@ class TaskScoring:
     """How a task is scored."""
 
     kind: str
-    """``vqa``, ``vizwiz``, ``textvqa``, ``gqa``, ``pope`` or ``grounding``."""
+    """``vqa``, ``vizwiz``, ``textvqa``, ``gqa``, ``pope``, ``grounding`` or ``exact``."""
     iou_threshold: float = 0.5
     """Grounding only: the IoU at or above which a box is correct."""
 
@@ -133,6 +138,11 @@ def gqa_match(prediction: str, answer: str) -> bool:
         return text.translate(_DROP_PUNCTUATION).lower()
 
     return clean(prediction) == clean(answer)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether the prediction equals one of ``answers``, both normalised by the VQA rule."""
+    return normalize_vqa_answer(prediction) in {normalize_vqa_answer(a) for a in answers}
 
 
 _POPE_NO_WORDS = frozenset({"no", "No", "not"})
@@ -247,6 +257,20 @@ def _score_gqa(examples, predictions, where, scoring) -> Metrics:
     return {"accuracy": _mean(scores)}
 
 
+def _score_exact(examples, predictions, where, scoring) -> Metrics:
+    scores, off_choices = [], []
+    for example, prediction in zip(examples, predictions):
+        answer = None if prediction is None else prediction.answer
+        scores.append(float(answer is not None and exact_match(answer, _answers(example, where))))
+        choices = example.extra.get("choices")
+        if choices:
+            off_choices.append(float(answer is None or not exact_match(answer, choices)))
+    metrics: Metrics = {"accuracy": _mean(scores)}
+    if off_choices:
+        metrics["off_choices"] = _mean(off_choices)
+    return metrics
+
+
 def _pope_label(example: Example, where: str) -> str:
     answers = _answers(example, where)
     label = answers[0].strip().lower()
@@ -318,7 +342,7 @@ def _score_grounding(examples, predictions, where, scoring) -> Metrics:
 
 _SCORERS: dict[str, Callable[..., Metrics]] = {
     "vqa": _score_vqa, "vizwiz": _score_vizwiz, "textvqa": _score_textvqa, "gqa": _score_gqa,
-    "pope": _score_pope, "grounding": _score_grounding,
+    "pope": _score_pope, "grounding": _score_grounding, "exact": _score_exact,
 }
 
 
@@ -329,14 +353,16 @@ def _first_few(ids: Iterable[str], limit: int = 5) -> str:
 
 
 def score(task: str, examples: Sequence[Example], predictions: Mapping[str, Prediction],
-          allow_missing: bool = False, source: Optional[str] = None) -> Metrics:
-    """Scores ``predictions`` (keyed by example id) against ``examples`` by ``task``'s rule.
+          allow_missing: bool = False, source: Optional[str] = None,
+          scoring: Optional[TaskScoring] = None) -> Metrics:
+    """Scores ``predictions`` (keyed by example id) against ``examples`` by ``task``'s rule, or
+    by ``scoring`` when given (a task that is not in :data:`TASK_SCORING`, e.g. a custom one).
 
     A prediction for an id that is not among the examples is a ValueError; so are examples
     without a prediction, unless ``allow_missing`` (then they are scored wrong and counted in
     ``missing``). ``source`` names the predictions file in error messages.
     """
-    scoring = task_scoring(task)
+    scoring = scoring or task_scoring(task)
     where = f"{source}: " if source else ""
     if not examples:
         raise ValueError(f"{where}no examples to score for task {task!r}")

@@ -22,6 +22,11 @@ that whole group, SIGKILL after a grace period, waits until no process of the gr
 and raises :class:`Interrupted`. The child also gets SIGTERM if the runner itself dies
 (Linux ``PR_SET_PDEATHSIG``), so even a SIGKILLed sweep does not leave training behind.
 
+**Commands that parse** (:func:`check_commands`): before anything runs (and in a dry run),
+every run's command is parsed by its entry point's own argument parser, without running it, and
+must read what the plan means by it (:attr:`StageRun.parses_to`), so a command that would fail
+at its first word, hours into a sweep, stops the sweep before it starts.
+
 **SLURM** (:func:`write_slurm`): one job script per run not yet done, and ``submit.sh``, which
 submits them in dependency order, each with ``--dependency=afterok:<the jobs it needs>``
 (``--kill-on-invalid-dep=yes``: a failed job cancels what depends on it). Training and
@@ -31,7 +36,10 @@ examples/*/slurm.sbatch do.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -43,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
 
-from megatron_vlm.experiments.plan import RESULTS_FILE, Plan, StageRun
+from megatron_vlm.experiments.plan import ENTRIES, RESULTS_FILE, Plan, StageRun
 from megatron_vlm.experiments.stage_records import refuse_stale, write_record
 from megatron_vlm.lifecycle import die_with_parent
 
@@ -93,6 +101,58 @@ def _evaluation_done(run: StageRun) -> Optional[str]:
     if not results.get("stable_score"):
         return None
     return f"{path} holds all {len(run.tasks)} tasks"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands that parse
+
+
+class _Unparsable(Exception):
+    """What an entry point's parser would have printed before exiting."""
+
+
+def _refuse(message: str) -> None:
+    raise _Unparsable(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _script(entry: str):
+    spec = importlib.util.spec_from_file_location(f"_entry_{Path(entry).stem}", REPO / entry)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry_parser(entry: str) -> argparse.ArgumentParser:
+    """The argument parser of an entry point (a script relative to the repository), built
+    without running it: pretrain_vlm.py and finetune_vlm.py are both
+    :func:`megatron_vlm.cli.run_training_entry`; a tool has ``build_parser()``."""
+    if entry in (ENTRIES["text"], ENTRIES["finetune"]):
+        from megatron_vlm.cli import training_parser
+
+        return training_parser(Path(entry).stem)
+    return _script(entry).build_parser()
+
+
+def check_commands(plan: Plan) -> None:
+    """Parses every run's command as its entry point will (module docstring); ValueError, one
+    line naming the sweep file, the run and the problem, for the first that does not parse or
+    reads something else than the plan means."""
+    for run in plan.runs:
+        if run.entry is None:
+            continue  # the data command is the user's own, run as written
+        parser = entry_parser(run.entry)
+        parser.error = _refuse  # argparse would print its usage and exit
+        try:
+            args = parser.parse_intermixed_args([str(a) for a in run.args])
+        except _Unparsable as err:
+            raise ValueError(f"{plan.spec.path}: run {run.id}: its command does not parse "
+                             f"({run.entry}: {err}): {run.command_text()}") from None
+        for name, meant in run.parses_to.items():
+            if getattr(args, name) != meant:
+                raise ValueError(f"{plan.spec.path}: run {run.id}: its command gives {name} "
+                                 f"{getattr(args, name)!r} where the sweep means {meant!r}: "
+                                 f"{run.command_text()}")
 
 
 # ---------------------------------------------------------------------------------------------

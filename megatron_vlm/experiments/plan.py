@@ -34,9 +34,11 @@ ablation start alike. Every training run saves its final checkpoint (``1.0`` is 
 stage record (:mod:`megatron_vlm.experiments.stage_records`, from :attr:`StageRun.resolved`)
 tells whether it was run with what the sweep gives it now.
 
-Each run's config is loaded and validated here (with every override), so a bad key or value
-stops the sweep before anything runs. :meth:`Plan.gpu_hours` estimates the training cost:
-tokens (``train_iters x global_batch_size x seq_length``) over a throughput in tokens/s/GPU.
+Each run's config is loaded and validated here (with every override, the checkpoint it starts
+from included: a stage config that continues a schedule needs none of its own; an evaluation's
+overrides on the config of the run it evaluates), so a bad key or value stops the sweep before
+anything runs. :meth:`Plan.gpu_hours` estimates the training cost: tokens (``train_iters x
+global_batch_size x seq_length``) over a throughput in tokens/s/GPU.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class StageRun:
     resolved: Optional[dict[str, Any]] = None
     """Training: its whole config as loaded with every override (what its stage record,
     :mod:`megatron_vlm.experiments.stage_records`, keeps to tell an edited stage)."""
+    parses_to: dict[str, Any] = field(default_factory=dict)
+    """What the entry point's parser must read from ``args`` where a word out of place would
+    change it (argument name -> value: the config and overrides, an evaluation's task list);
+    :func:`megatron_vlm.experiments.execute.check_commands` checks it."""
 
     def command_text(self) -> str:
         argv = ([self.entry] if self.entry else []) + [str(a) for a in self.args]
@@ -344,18 +350,18 @@ class _Builder:
         template = stage.rewarmup_config if percent in (0, 100) else stage.config
         path = spec.config_path(template, scale)
         base = [*spec.overrides, *stage.overrides]
-        cfg = self._load(path, base, run_id)
         wiring = []
-        load = cfg.checkpoint.load
         if text is not None:
-            load = str(_text_checkpoint(text, percent))
-            wiring.append(f"checkpoint.load={load}")
+            wiring.append(f"checkpoint.load={_text_checkpoint(text, percent)}")
         elif percent == 0:
-            load = None
             wiring.append("checkpoint.load=null")
+        # Loaded with its checkpoint: a config that continues (schedule.mode=continue) is
+        # refused without one, and the sweep is what sets it.
+        cfg = self._load(path, [*base, *wiring], run_id)
         axis = _data_ratio_overrides(values, cfg.data.ratios)
         axis += _model_overrides(values, spec.online_data)
-        if load is not None and ("projector" in spec.grid or "encoder" in spec.grid):
+        if cfg.checkpoint.load is not None and ("projector" in spec.grid
+                                                or "encoder" in spec.grid):
             axis += ["checkpoint.load_parts=decoder", "checkpoint.load_optimizer=false"]
         run_dir = self._dir("image_text", name)
         wiring += [f"name={spec.name}-image_text" + (f"-{name}" if name else ""),
@@ -372,19 +378,20 @@ class _Builder:
         spec, stage = self.spec, self.spec.stages["finetune"]
         path = spec.config_path(stage.config, scale)
         base = [*spec.overrides, *stage.overrides]
-        cfg = self._load(path, base, run_id)
+        load = f"checkpoint.load={parent.run_dir / 'checkpoints'}"
+        cfg = self._load(path, [*base, load], run_id)  # with its checkpoint, as image_text
         axis = _model_overrides(values, spec.online_data)
         if "finetune_epochs" in values:
             per_epoch = stage.steps_per_epoch or cfg.train.train_iters
             axis.append(f"train.train_iters={values['finetune_epochs'] * per_epoch}")
         run_dir = self._dir("finetune", name)
         wiring = [f"name={spec.name}-finetune" + (f"-{name}" if name else ""),
-                  f"output_dir={run_dir}", f"checkpoint.load={parent.run_dir / 'checkpoints'}",
-                  _final_save(cfg)]
+                  f"output_dir={run_dir}", load, _final_save(cfg)]
         return self._training("finetune", name, values, scale, path, [*base, *axis, *wiring],
                               [parent.id])
 
     def _evaluate(self, target: StageRun) -> StageRun:
+        from megatron_vlm.config import config_from_dict
         from megatron_vlm.evaluation.runner import select_tasks
 
         run_id = f"evaluate/{target.id}"
@@ -400,11 +407,19 @@ class _Builder:
             args += ["--limit", str(ev.limit)]
         args += [*ev.args, *ev.overrides]
         vision, text = select_tasks(ev.suite, ev.tasks)
+        # tools/evaluate_vlm.py applies the overrides to the checkpoint's config, which is the
+        # target's resolved config: a bad key stops the sweep now, not after the training.
+        try:
+            config_from_dict(target.resolved, f"the config of {target.id}", ev.overrides)
+        except ValueError as err:
+            raise SweepError(f"{self.spec.path}: run {run_id}: stages.evaluate.overrides: "
+                             f"{err}") from None
         run = StageRun(id=run_id, stage="evaluate", name=target.name, run_dir=out,
                        entry=ENTRIES["evaluate"], args=args, needs=[target.id],
                        values=dict(target.values), log=self._log(run_id), scale=target.scale,
                        target=target.id, tasks=(*vision, *text), limit=ev.limit,
-                       final_checkpoint=target.final_checkpoint)
+                       final_checkpoint=target.final_checkpoint,
+                       parses_to={"tasks": list(ev.tasks) if ev.tasks else None})
         self.runs[run_id] = run
         return run
 
@@ -420,13 +435,15 @@ class _Builder:
         run_dir = Path(cfg.output_dir)
         last = run_dir / "checkpoints" / f"step_{train.train_iters:07d}"
         reach = STAGES.index(stage)
+        config = _display_path(path)
         run = StageRun(
             id=run_id, stage=stage, name=name, run_dir=run_dir, entry=ENTRIES[stage],
-            args=[_display_path(path), *overrides], needs=needs,
+            args=[config, *overrides], needs=needs,
             values={a: v for a, v in values.items() if STAGES.index(AXES[a].stage) <= reach},
             log=self._log(run_id), scale=scale, config=path, train_iters=train.train_iters,
             tokens=train.train_iters * train.global_batch_size * train.seq_length,
-            final_checkpoint=last, resolved=config_to_dict(cfg))
+            final_checkpoint=last, resolved=config_to_dict(cfg),
+            parses_to={"config": config, "overrides": list(overrides)})
         self.runs[run_id] = run
         return run
 

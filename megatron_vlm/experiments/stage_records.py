@@ -110,11 +110,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# How often a run saves and how many checkpoints it keeps change nothing it produced: a finished
+# run whose config differs only there (the quickstart's stages gained save intervals, say) is
+# still what the sweep asks for.
+RESULT_NEUTRAL = ("config.checkpoint.save_interval", "config.checkpoint.keep_last",
+                  "config.checkpoint.async_save")
+
+
 def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs (``(none)`` where one side lacks it)."""
+    """``key: old -> new`` for every setting that differs (``(none)`` where one side lacks it),
+    except the :data:`RESULT_NEUTRAL` ones."""
     changes = []
     for key in [*new, *(k for k in old if k not in new)]:
-        if old.get(key, ...) == new.get(key, ...):
+        if old.get(key, ...) == new.get(key, ...) or key in RESULT_NEUTRAL:
             continue
         a = _short(old[key]) if key in old else "(none)"
         b = _short(new[key]) if key in new else "(none)"

@@ -15,6 +15,12 @@ unfrozen encoder has no parameters without gradients.
 
 The encoder config is read by attribute (``open_clip_model``, ``custom_vision_cfg``,
 ``embed_dim``, ``num_image_tokens``, ``image_size``, ``weights_path``, ``frozen``).
+
+A weights file that does not fit the tower is one ValueError naming the file, the first tensors
+of other shapes, the missing and unexpected keys, and which encoder the file seems to hold
+(:func:`describe_weights`). ``python -m megatron_vlm.model.vision_encoder --recipe R
+model.encoder.weights_path=FILE`` checks a file from the shell (docs/data.md, "Vision encoder
+weights", has where to get SigLIP's).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ logger = logging.getLogger("megatron_vlm")
 
 _CFG = "model.encoder"  # prefix used when naming config fields in messages
 _MAX_KEYS_SHOWN = 5
+_MAX_SHAPES_SHOWN = 3
 
 # Parameter name prefixes (relative to the tower) not used by the patch-token output.
 _TIMM_UNUSED_PREFIXES = ("trunk.attn_pool.", "trunk.fc_norm.", "trunk.head.", "head.")
@@ -280,7 +287,7 @@ def build_vision_encoder(encoder_cfg) -> SiglipPatchEncoder:
     else:
         # Take the file's tensors as the parameters of the meta-built tower.
         state = _read_state_dict(weights_path)
-        _check_state_dict(meta_tower, state, weights_path)
+        _check_state_dict(meta_tower, state, weights_path, f"{_CFG}.open_clip_model={name!r}")
         tower = _materialize_with(meta_tower, state, encoder_cfg)
         del state
     encoder = SiglipPatchEncoder(
@@ -357,29 +364,77 @@ def load_vision_weights(encoder: nn.Module, path: str) -> None:
     (``visual.*`` keys are used, all others ignored) or a tower-only state dict. Missing,
     unexpected or wrongly shaped keys raise one ``ValueError`` naming the file and the keys.
     """
-    tower = encoder.visual if isinstance(encoder, SiglipPatchEncoder) else encoder
+    is_encoder = isinstance(encoder, SiglipPatchEncoder)
+    tower = encoder.visual if is_encoder else encoder
     state = _read_state_dict(path)
-    _check_state_dict(tower, state, path)
+    _check_state_dict(tower, state, path, f"vision encoder {encoder.name!r}" if is_encoder
+                      else "the tower")
     tower.load_state_dict(state, strict=True)
     logger.info("vision encoder weights loaded from %s (%d tensors)", path, len(state))
 
 
-def _check_state_dict(tower: nn.Module, state: Mapping, path: str) -> None:
-    """Raise one ValueError naming the file and every missing, unexpected or misshapen key."""
+def _check_state_dict(tower: nn.Module, state: Mapping, path: str, target: str) -> None:
+    """Raise one ValueError naming the file, the first tensors whose shapes differ (expected
+    vs found, in the tower's order: the patch embedding comes first and tells the most), the
+    missing and unexpected keys, and which encoders the tower and the file seem to be."""
     expected = tower.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_show(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches (file vs model): {_show(mismatched)}")
-        raise ValueError(f"vision encoder weights {path!r} do not match the tower: " + "; ".join(parts))
+    mismatched = [f"{k} expected {list(v.shape)} found {list(state[k].shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if mismatched:
+        more = (f" ({len(mismatched)} in all)" if len(mismatched) > _MAX_SHAPES_SHOWN else "")
+        parts.append(f"shapes differ: {'; '.join(mismatched[:_MAX_SHAPES_SHOWN])}{more}")
+    if missing:
+        parts.append(f"missing keys: {_show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_show(unexpected)}")
+    ours = describe_weights({k: tuple(v.shape) for k, v in expected.items()})
+    theirs = describe_weights({k: tuple(v.shape) for k, v in state.items()})
+    if ours:
+        parts.append(f"the encoder is {ours}")
+    parts.append(f"the file seems to hold {theirs}" if theirs else
+                 "the file is no image tower this check knows (open_clip, timm or transformers)")
+    raise ValueError(f"vision encoder weights {path!r} do not fit {target}: " + "; ".join(parts))
+
+
+# How each known layout names its patch embedding (conv weight [width, 3, patch, patch]),
+# position table and blocks: the keys that tell which encoder a weights file holds.
+_LAYOUTS = (
+    ("a timm ViT tower in open_clip's layout", "trunk.patch_embed.proj.weight",
+     "trunk.pos_embed", "trunk.blocks."),
+    ("an open_clip ViT tower", "conv1.weight", "positional_embedding", "transformer.resblocks."),
+    ("a bare timm ViT state dict (no open_clip 'trunk.' prefix: not open_clip's file)",
+     "patch_embed.proj.weight", "pos_embed", "blocks."),
+    ("a Hugging Face transformers checkpoint (vision_model.* keys: not open_clip's file)",
+     "vision_model.embeddings.patch_embedding.weight",
+     "vision_model.embeddings.position_embedding.weight", "vision_model.encoder.layers."),
+)
+
+
+def describe_weights(shapes: Mapping[str, Tuple[int, ...]]) -> Optional[str]:
+    """Which image tower a state dict's key names and shapes describe, e.g. ``a timm ViT tower
+    in open_clip's layout: width 1152, 27 blocks, patch 14, 27x27 patches`` (SigLIP so400m at
+    384 px); None when no known layout fits. The patch grid is given where the position table
+    is a square (plus a class token), else the number of positions."""
+    for layout, patch_key, pos_key, block_prefix in _LAYOUTS:
+        patch = shapes.get(patch_key)
+        if patch is None or len(patch) != 4:
+            continue
+        blocks = {k[len(block_prefix):].split(".", 1)[0] for k in shapes
+                  if k.startswith(block_prefix)}
+        facts = [f"width {patch[0]}", f"{len(blocks)} blocks", f"patch {patch[-1]}"]
+        positions = shapes.get(pos_key)
+        if positions is not None and len(positions) >= 2:
+            n = positions[-2]
+            roots = (round(n ** 0.5), round(max(n - 1, 0) ** 0.5))
+            side = next((r for r in roots if r and r * r in (n, n - 1)), None)
+            facts.append(f"{side}x{side} patches" if side else f"{n} positions")
+        return f"{layout}: {', '.join(facts)}"
+    return None
 
 
 def _materialize_with(meta_tower: nn.Module, state: Mapping, encoder_cfg) -> nn.Module:
@@ -402,3 +457,39 @@ def _materialize_with(meta_tower: nn.Module, state: Mapping, encoder_cfg) -> nn.
         tower.load_state_dict(state, strict=True)
         return tower
     return meta_tower
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a weights file from the shell
+# --------------------------------------------------------------------------------------------
+
+_CHECK_PROG = "python -m megatron_vlm.model.vision_encoder"
+
+
+def main(argv=None) -> int:
+    """Loads ``model.encoder.weights_path`` into the recipe's encoder, as training and the
+    precompute tool do, and prints one line: that it fits, or (exit status 2) why not."""
+    from megatron_vlm.config import config_arg_parser, load_config
+    from megatron_vlm.logs import configure_logging
+
+    configure_logging()
+    parser = config_arg_parser(
+        "Check a vision encoder weights file against a recipe's encoder (model.encoder.*), "
+        f"e.g. {_CHECK_PROG} --recipe 1b model.encoder.weights_path=siglip.safetensors",
+        prog=_CHECK_PROG)
+    args = parser.parse_intermixed_args(argv)
+    enc_cfg = load_config(args.recipe, args.overrides).model.encoder
+    if enc_cfg.weights_path is None:
+        raise ValueError(f"{_CFG}.weights_path is null: give {_CFG}.weights_path=FILE, the "
+                         f"weights file to check")
+    tower = build_vision_encoder(enc_cfg).visual
+    shapes = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    print(f"{enc_cfg.weights_path} fits {_CFG}.open_clip_model={enc_cfg.open_clip_model!r} "
+          f"({describe_weights(shapes)})")
+    return 0
+
+
+if __name__ == "__main__":
+    from megatron_vlm.cli import run_main
+
+    run_main(main, _CHECK_PROG)

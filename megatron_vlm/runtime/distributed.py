@@ -166,8 +166,10 @@ def init_process_group_only(backend: str = "auto", timeout_minutes: int = 10,
             store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, world_size=1, is_master=True,
                                   timeout=timeout)
             os.environ["MASTER_PORT"] = str(store.port)
-            logger.info("runtime: MASTER_PORT not set; this process uses free port %s (set "
-                        "MASTER_PORT to choose one)", store.port)
+            # Said only when asked (MEGATRON_VLM_LOG_LEVEL=DEBUG): a lone process's port
+            # matters to no other process.
+            logger.debug("runtime: MASTER_PORT not set; this process uses free port %s (set "
+                         "MASTER_PORT to choose one)", store.port)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timeout, store=store)
     return device, backend, rank, world_size
@@ -257,21 +259,29 @@ def _collective_in(frames: list[tuple[str, str]]) -> str:
     return f"a collective in {callers[-1]}" if callers else "a collective"
 
 
+class StepProgress:
+    """An ``on_step`` callback that keeps the last step the run completed (None before its
+    first), for the line that says where a run stopped."""
+
+    def __init__(self):
+        self.step: Optional[int] = None
+
+    def __call__(self, step: int, _metrics) -> None:
+        self.step = step
+
+
 @contextlib.contextmanager
 def peer_failures_in_one_line(prog: str, output_dir):
     """Around a training run: when another rank stops, this rank prints one line (which rank,
     during what, where the details are), writes the traceback to OUTPUT_DIR/logs/rankN.err and
     exits with status 1, instead of a screen of gloo tracebacks per rank. Yields the
-    ``on_step`` callback that tells it the last completed step. Any other error passes."""
-    progress = {"step": None}
-
-    def on_step(step: int, _metrics) -> None:
-        progress["step"] = step
-
+    ``on_step`` callback that tells it the last completed step (a :class:`StepProgress`).
+    Any other error passes."""
+    progress = StepProgress()
     try:
-        yield on_step
+        yield progress
     except RuntimeError as err:
-        what = describe_peer_failure(err, progress["step"])
+        what = describe_peer_failure(err, progress.step)
         if what is None:
             raise
         details = Path(output_dir) / "logs" / f"rank{dist.get_rank()}.err"

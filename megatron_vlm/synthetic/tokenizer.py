@@ -1,9 +1,10 @@
 """Trains the ShapesWorld tokenizers on the generated text.
 
-``tokenizer.json``: a byte-level BPE (Hugging Face ``tokenizers``) whose id 0 is
-``<|endoftext|>`` (the end-of-document token, as in GPT-NeoX) and id 1 is ``<|sep|>`` (the
-separator between an image and its caption, and after every conversation turn). No BOS is
-added and no post-processing is applied, so ``decode(encode(text)) == text`` for any text.
+``tokenizer.json``: the project's byte-level BPE (:func:`megatron_vlm.data.tokenizer_training.
+train_bpe`, the one ``tools/train_tokenizer.py`` trains), whose id 0 is ``<|endoftext|>`` (the
+end-of-document token, as in GPT-NeoX) and id 1 is ``<|sep|>`` (the separator between an image
+and its caption, and after every conversation turn). No BOS is added and no post-processing is
+applied, so ``decode(encode(text)) == text`` for any text.
 
 ``tokenizer.model`` (optional): a sentencepiece BPE of the same vocabulary size with the same
 two special pieces at ids 0 and 1 (``<unk>`` at 2) and byte fallback, also lossless.
@@ -14,27 +15,9 @@ from __future__ import annotations
 import io
 from typing import Iterable
 
-EOS = "<|endoftext|>"
-SEP = "<|sep|>"
+from megatron_vlm.data.tokenizer_training import EOS, SEP, train_bpe
 
-
-def train_bpe(texts: Iterable[str], vocab_size: int = 512) -> str:
-    """Returns the JSON of a trained byte-level BPE tokenizer (ids: EOS 0, SEP 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 258 + 16:
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE "
-                         f"(256 bytes + 2 special tokens + merges); use at least 274")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, SEP],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=2, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    if tok.token_to_id(EOS) != 0 or tok.token_to_id(SEP) != 1:
-        raise RuntimeError("special tokens did not get ids 0 and 1")
-    return tok.to_str(pretty=True)
+__all__ = ["EOS", "SEP", "train_bpe", "train_sentencepiece"]
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int = 512) -> bytes:

@@ -1,15 +1,23 @@
 """The training loop shared by pretrain_vlm.py and finetune_vlm.py, top to bottom.
 
-start: process groups -> config checks that can fail early -> model, DDP, optimizer -> resume
-(the latest checkpoint of this run) or start from ``checkpoint.load`` -> data -> schedule
+start: config checks that can fail early -> process groups -> the checkpoint to resume from (the
+latest of this run) -> data (paths, manifests, shards, the blend index) -> run directory ->
+model, DDP, optimizer -> resume, or start from ``checkpoint.load``
 loop:  LR from the schedule -> one train step (megatron schedules) -> log -> maybe save
+
+A start that fails removes what it created in the run directory. tokens/s (and TFLOP/s, MFU)
+count the train steps only: checkpoint saves and the loader's start-up are timed apart
+(docs/operations.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,23 +121,115 @@ def synced_parameters(ddp_model):
         ddp_model.enable_forward_pre_hook()
 
 
+class StepClock:
+    """Seconds of training between two log steps: the wall time less what the loop spent
+    apart from the train steps (waiting for checkpoint saves, the loader's start-up), which is
+    counted by kind and reported apart. Steady-state waits for data stay in: a loader that
+    cannot keep up is part of what the steps cost."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._last = time.perf_counter()
+        self._apart: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def apart(self, what: str):
+        # On a GPU the host runs ahead of the device: wait for the queued steps first, so that
+        # their time stays theirs (a save would wait for them anyway).
+        if self.cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._apart[what] = self._apart.get(what, 0.0) + time.perf_counter() - began
+
+    def lap(self) -> tuple[float, dict[str, float]]:
+        """(seconds of training since the last lap, seconds apart by kind); starts the next."""
+        now = time.perf_counter()
+        apart, self._apart = self._apart, {}
+        seconds = now - self._last - sum(apart.values())
+        self._last = now
+        return seconds, apart
+
+
+@dataclass
+class _Started:
+    """What the start of a run hands to its loop."""
+
+    schedule: object
+    info: object
+    rank: int
+    world: int
+    state: object
+    start: int
+    next_step: Callable[[], list]
+    loader: object
+    sink: object
+    features: object  # the model's resolved performance features
+
+
 def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Runs (or resumes) the training described by ``cfg``; returns the per-step metrics of
     this invocation."""
+    out = Path(cfg.output_dir)
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        started = _start(cfg, out)
+    except BaseException:
+        if int(os.environ.get("RANK", 0)) == 0:
+            _remove_what_the_start_made(out, before)
+        raise
+    return _train_steps(cfg, out, started, on_step)
+
+
+def _remove_what_the_start_made(out: Path, before: Optional[set]) -> None:
+    """After a start that failed (bad input, Ctrl-C): the run directory if the start made it,
+    else the entries it added, so that nothing is left to mistake for a run. What was there
+    (a resumed run's checkpoints and metrics) stays; ``before`` lists it (None: no directory)."""
+    if not out.is_dir():
+        return
+    for path in [out] if before is None else set(out.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def where_it_stopped(cfg, last_step: Optional[int], command: str) -> str:
+    """Where an interrupted run stands and how to go on, for its one line: the last completed
+    step (None: during the start), the checkpoint the same ``command`` resumes from, if any."""
+    from megatron_vlm.training import checkpointing as ckpt
+
+    at = (f"after step {last_step} of {cfg.train.train_iters}" if last_step is not None
+          else "during the start")
+    try:  # what a rerun resumes from, found as the rerun will find it
+        latest = ckpt.latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+        step = ckpt.read_common(latest)["step"] if latest is not None else None
+    except (OSError, ValueError, KeyError):  # none usable: the rerun says why
+        latest = None
+    if latest is None:
+        return f"{at}, with no checkpoint saved; to start it again, run the same command: {command}"
+    if not cfg.checkpoint.resume:
+        return (f"{at}; its last checkpoint is {latest} (step {step}); to resume from it, run "
+                f"the same command with checkpoint.resume=true: {command}")
+    return (f"{at}; its last checkpoint is {latest} (step {step}); to resume from it, run the "
+            f"same command: {command}")
+
+
+def _start(cfg, out: Path) -> _Started:
+    """Every check that can fail before the first step, cheapest first, then the model."""
     from megatron.core import parallel_state
 
     from megatron_vlm.config import config_summary, config_to_dict, dump_config
     from megatron_vlm.model.build import build_model
-    from megatron_vlm.progress import Progress
     from megatron_vlm.runtime import initialize
     from megatron_vlm.runtime.distributed import init_process_group_only
     from megatron_vlm.training import checkpointing as ckpt
     from megatron_vlm.training.checkpoint_checks import check_resume_schedule
-    from megatron_vlm.training import flops
     from megatron_vlm.training.grad_finalize import GRAD_NORM_PATH
     from megatron_vlm.training.metrics_log import MetricsLog
-    from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
-    from megatron_vlm.training.step import setup_training, summarize_losses, train_step
+    from megatron_vlm.training.step import setup_training
 
     # Checks that need no model: a bad path or schedule stops here, before any work.
     parent_common = ckpt.read_common(cfg.checkpoint.load) if cfg.checkpoint.load else None
@@ -143,14 +243,18 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
     info = initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                       backend=cfg.parallel.backend, timeout_minutes=cfg.parallel.timeout_minutes,
                       seed=cfg.seed, device=cfg.parallel.device)
-    out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     resume = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
+    resume_common = None
     if resume is not None:  # before any work: another model or schedule stops here
         resume_common = ckpt.read_common(resume)
         ckpt.check_decoder_matches(resume_common, cfg.model.decoder, resume)
         check_resume_schedule(resume_common, config_to_dict(cfg), resume,
                               cfg.checkpoint.allow_schedule_change)
+    # The data before the model: a missing path, manifest or shard stops the run in seconds,
+    # not after the model is built (the loader's workers start at the first step).
+    next_step, loader = make_batches(cfg, parallel_state.get_data_parallel_rank(), dp,
+                                     resume_common["loader"] if resume_common else None)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         logger.info("%s", config_summary(cfg, dump_config(cfg, out / "config.yaml")))
@@ -166,10 +270,10 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         logger.info("FP8 (%s) in the decoder's transformer layers; projector, embeddings and "
                     "output layer in %s", cfg.train.fp8, cfg.train.params_dtype)
 
-    start, loader_state = 0, None
+    start = 0
     if resume is not None:
-        common = ckpt.load_checkpoint(resume, state.model, state.optimizer)
-        start, loader_state = common["step"], common["loader"]
+        ckpt.load_checkpoint(resume, state.model, state.optimizer)
+        start = resume_common["step"]
         logger.info("resumed from %s at step %d", resume, start)
     elif cfg.checkpoint.load:
         optimizer = state.optimizer if cfg.checkpoint.load_optimizer else None
@@ -181,26 +285,40 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
         logger.info("started from %s (%s%s)", ckpt.resolve_checkpoint(cfg.checkpoint.load), what,
                     " and optimizer state" if optimizer is not None else " only")
     state.step = start
+    sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
+            if rank == 0 else None)
+    return _Started(schedule, info, rank, world, state, start, next_step, loader, sink,
+                    model.features)
 
-    next_step, loader = make_batches(cfg, parallel_state.get_data_parallel_rank(), dp, loader_state)
+
+def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
+    """The loop: LR from the schedule, one train step, log, maybe save."""
+    from megatron_vlm.config import config_to_dict
+    from megatron_vlm.progress import Progress
+    from megatron_vlm.training import checkpointing as ckpt
+    from megatron_vlm.training import flops
+    from megatron_vlm.training.schedule import apply_lr, checkpoint_steps
+    from megatron_vlm.training.step import summarize_losses, train_step
+
+    schedule, state, rank, start, sink = run.schedule, run.state, run.rank, run.start, run.sink
+    ckpt_dir = out / "checkpoints"
     saves = checkpoint_steps(cfg.train.train_iters, cfg.checkpoint.save_fractions) \
         if cfg.checkpoint.save_fractions else {}
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     # MFU against the dense bf16 peak, and for FP8 runs also against the FP8 peak, each named.
-    peaks = flops.device_peaks() if info.device.type == "cuda" else None
+    peaks = flops.device_peaks() if run.info.device.type == "cuda" else None
     if peaks is not None and rank == 0:
         logger.info("MFU peaks: %s", peaks.describe())
 
     history: list[dict] = []
-    sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
-            if rank == 0 else None)
-    writer = ckpt.CheckpointWriter(async_save=model.features.async_save)
+    writer = ckpt.CheckpointWriter(async_save=run.features.async_save)
     keep = {ckpt.step_dir_name(s) for s in saves}
 
-    def saved(path: Path, done: int) -> None:  # every rank, once the checkpoint is complete
+    def saved(path: Path, done: int, began: float) -> None:  # every rank, once complete
         ckpt.prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last, keep)
         if rank == 0:
-            logger.info("saved %s (%.0f%% of the schedule)", path, 100 * done / cfg.train.train_iters)
+            logger.info("saved %s (%.0f%% of the schedule) in %.1f s", path,
+                        100 * done / cfg.train.train_iters, time.perf_counter() - began)
 
     # A bar on a terminal only: each log step's line already says where the run is, so a piped
     # log gets those lines alone, and the loss is printed once, in them.
@@ -208,12 +326,16 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
                    lines=False)
     # Losses stay on the device between log steps (summed, so a log line reports the per-token
     # mean over its interval); reading them is the only wait for the GPU the loop adds.
-    pending, last_logged, last_time, interval_flops = None, start, time.perf_counter(), 0.0
+    pending, last_logged, interval_flops = None, start, 0.0
+    clock = StepClock(run.info.device)
     try:
         for step in range(start, cfg.train.train_iters):
             lr = schedule.lr(step)
             apply_lr(state.optimizer, lr)
-            microbatches = next_step()
+            # The first batch waits for the loader's start-up (its workers, their first
+            # batches): not a step's cost.
+            with clock.apart("loader_startup") if step == start else contextlib.nullcontext():
+                microbatches = run.next_step()
             # Model FLOPs of this step (projector work follows the share of image positions).
             interval_flops += tokens_per_step * flops.flops_per_token(
                 cfg, flops.image_positions_fraction(microbatches))
@@ -224,16 +346,17 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             if done % cfg.train.log_interval == 0 or done == cfg.train.train_iters:
                 metrics.update(summarize_losses(pending))  # waits for the device
                 metrics["grad_norm"] = float(result["grad_norm"])  # this step's, before clipping
-                now = time.perf_counter()
-                steps, seconds = done - last_logged, now - last_time
-                flops_per_s_per_gpu = interval_flops / seconds / world
+                seconds, apart = clock.lap()
+                steps = done - last_logged
+                flops_per_s_per_gpu = interval_flops / seconds / run.world
                 metrics.update(tokens_per_s=tokens_per_step * steps / seconds,
                                tflops=flops_per_s_per_gpu / 1e12)
+                metrics.update({f"{what}_s": s for what, s in apart.items()})
                 if peaks is not None:
                     metrics.update({k: v for k, v in flops.mfu_by_peak(
                         flops_per_s_per_gpu, peaks, fp8=bool(cfg.train.fp8)).items()
                         if v is not None})
-                pending, last_logged, last_time, interval_flops = None, done, now, 0.0
+                pending, last_logged, interval_flops = None, done, 0.0
                 if sink is not None:
                     sink.log(done, metrics)
                 if rank == 0:
@@ -250,27 +373,36 @@ def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[di
             bar.update(1)
             if on_step is not None:
                 on_step(done, metrics)
-            writer.poll()  # completes background saves every rank has written (a collective)
             interval = cfg.checkpoint.save_interval
-            if done in saves or (interval and done % interval == 0):
-                meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
-                common = {"step": done, "schedule": meta.to_dict(), "loader": loader.state_dict(),
-                          "fraction": done / cfg.train.train_iters, ckpt.KEPT: done in saves,
-                          "config": config_to_dict(cfg)}
-                with synced_parameters(state.model):
-                    writer.save(ckpt_dir / ckpt.step_dir_name(done), state.model, state.optimizer,
-                                common, on_done=lambda path, done=done: saved(path, done))
+            saving = done in saves or (interval and done % interval == 0)
+            # Checkpoint work is timed apart from the steps (tokens/s leaves it out).
+            checkpointing = (clock.apart("checkpoint") if saving or writer.pending
+                             else contextlib.nullcontext())
+            with checkpointing:
+                writer.poll()  # completes background saves every rank has written (a collective)
+                if saving:
+                    meta = schedule.metadata(done, tokens_seen=done * tokens_per_step)
+                    common = {"step": done, "schedule": meta.to_dict(),
+                              "loader": run.loader.state_dict(),
+                              "fraction": done / cfg.train.train_iters, ckpt.KEPT: done in saves,
+                              "config": config_to_dict(cfg)}
+                    began = time.perf_counter()
+                    with synced_parameters(state.model):
+                        writer.save(ckpt_dir / ckpt.step_dir_name(done), state.model,
+                                    state.optimizer, common,
+                                    on_done=lambda path, done=done, began=began:
+                                    saved(path, done, began))
         writer.finish()
     except BaseException:
         writer.abandon()  # this rank only: its peers may never reach a collective finish()
         raise
     finally:
         seconds = bar.close()
+        if sink is not None:  # also on Ctrl-C: TensorBoard and W&B keep what was logged
+            sink.close()
     if rank == 0 and start < cfg.train.train_iters:
         logger.info("trained steps %d-%d in %.1f s; metrics in %s", start + 1,
                     cfg.train.train_iters, seconds, out / "metrics.jsonl")
     elif rank == 0:
         logger.info("nothing to train: the run is at step %d of %d", start, cfg.train.train_iters)
-    if sink is not None:
-        sink.close()
     return history
