@@ -78,6 +78,21 @@ def test_monitor_sees_blocking_copies_through_the_cpu_redirect_layer(runtime):
     assert not monitor.reads and monitor.allowed
 
 
+def test_polling_an_async_save_in_flight_does_not_wait_for_the_device(runtime):
+    """The loop times checkpoint work apart from the steps; a save waits for the device anyway,
+    but the poll of an async save in flight runs every step and must not."""
+    from megatron_vlm.training.loop import StepClock
+
+    clock = StepClock(torch.device("cuda"))
+
+    def timed(wait_for_device):
+        with clock.apart("checkpoint", wait_for_device=wait_for_device):
+            pass
+
+    assert not _reads(lambda: timed(False))
+    assert _reads(lambda: timed(True))
+
+
 # ---------------------------------------------------------------------------------------------
 # The pieces that replaced host-reading ones
 

@@ -133,10 +133,12 @@ class StepClock:
         self._apart: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def apart(self, what: str):
+    def apart(self, what: str, wait_for_device: bool = True):
         # On a GPU the host runs ahead of the device: wait for the queued steps first, so that
-        # their time stays theirs (a save would wait for them anyway).
-        if self.cuda:
+        # their time stays theirs (a save waits for them anyway). ``wait_for_device=False``
+        # where nothing else would wait: polling an async save in flight happens every step,
+        # and a wait there would stall the host's run-ahead for the whole save.
+        if self.cuda and wait_for_device:
             torch.cuda.synchronize()
         began = time.perf_counter()
         try:
@@ -376,8 +378,8 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
             interval = cfg.checkpoint.save_interval
             saving = done in saves or (interval and done % interval == 0)
             # Checkpoint work is timed apart from the steps (tokens/s leaves it out).
-            checkpointing = (clock.apart("checkpoint") if saving or writer.pending
-                             else contextlib.nullcontext())
+            checkpointing = (clock.apart("checkpoint", wait_for_device=saving)
+                             if saving or writer.pending else contextlib.nullcontext())
             with checkpointing:
                 writer.poll()  # completes background saves every rank has written (a collective)
                 if saving:
