@@ -20,10 +20,11 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 OFFLINE := HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 PYTEST_ARGS ?=
-# pytest-xdist workers (one per core by default; TEST_WORKERS=0 runs in this process) and what
+# pytest-xdist workers (one per core by default; TEST_WORKERS=0 runs in this process; an idle
+# worker takes queued tests from a busy one: --dist worksteal) and what
 # every run reports at its end: the 20 slowest tests, against the budgets of docs/testing.md.
 TEST_WORKERS ?= auto
-PYTEST = $(OFFLINE) $(VPY) -m pytest -q -n $(TEST_WORKERS) --durations=20
+PYTEST = $(OFFLINE) $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=20
 # The GPU machine the wheelhouse is for, and the Transformer Engine it brings (TE=none: none).
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64

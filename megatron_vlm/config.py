@@ -573,6 +573,13 @@ class EvaluationConfig(_Section):
     match) or 'vqa' (VQA accuracy, 4+ answers a question). prompt: the question's text with
     {question} and {choices}; default '{question}', plus a line of the choices when a question
     has them, laid out as the checkpoint's fine-tuning conversations."""
+    bootstrap_resamples: int = 10000
+    """Bootstrap resamples behind the 95% intervals in results.json (each task's accuracy and
+    each stable score, resampling the task's items; docs/evaluation.md). They are computed from
+    the items files after every evaluation, so a change here needs no new predictions."""
+    bootstrap_seed: int = 0
+    """Seed of those resamples (each task's stream is seeded by it and the task's name, so an
+    interval does not depend on the other tasks)."""
 
     def _check(self) -> None:
         from megatron_vlm.evaluation.custom_task import parse_custom_tasks
@@ -581,7 +588,9 @@ class EvaluationConfig(_Section):
         self._check_choice("boolq_chance", ("uniform", "majority"))
         if self.resize_mode is not None:
             self._check_choice("resize_mode", RESIZE_MODES)
-        self._check_positive("batch_size", "max_new_tokens")
+        self._check_positive("batch_size", "max_new_tokens", "bootstrap_resamples")
+        if self.bootstrap_seed < 0:
+            self._fail("bootstrap_seed", "must be 0 or more")
         for task, level in self.chance.items():
             if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level < 1:
                 raise ValueError(f"evaluation.chance.{task}={level!r} must be a number in [0, 1)")

@@ -13,6 +13,27 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist every core already runs a worker: intra-op threads on top of that only make
+# the processes (the workers and the trainings they start, which inherit this) wait for each
+# other. Torch reads this when it is first imported, which no test module has done yet.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, so that no worker starts one near the end while the others sit
+    idle: those with a longer timeout than the suite's (the quickstart), then the other slow
+    tests, then the rest, each group in its collected order."""
+    default_timeout = float(config.getini("timeout") or 0)
+
+    def rank(item) -> int:
+        marker = item.get_closest_marker("timeout")
+        if marker and marker.args and float(marker.args[0]) > default_timeout:
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -1,4 +1,5 @@
-"""Tiny random-init checkpoints for the evaluation tests (no training needed).
+"""Tiny random-init checkpoints for the evaluation tests (no training needed), and
+results.json files with items written by hand (:func:`results_with_items`).
 
 The decoder is initialised with a large std so that a random model's logits are far from
 uniform: greedy generation then varies from prompt to prompt instead of repeating one token,
@@ -59,3 +60,24 @@ def save_eval_run(root: str | Path, eval_images: int = 6) -> tuple[Path, Path]:
                                       [f"data.tokenizer={sw / 'tokenizer' / 'tokenizer.json'}",
                                        f"evaluation.data_root={sw}"])
     return sw, checkpoint
+
+
+def results_with_items(directory, tasks: dict) -> dict:
+    """A results.json of ``tasks`` ({name: (kind, scores, groups, chance[, ids])}; ids default
+    to the item's position) with items files in ``directory``, its accuracies and stable scores
+    as the runner computes them (the dict is returned, not written)."""
+    from megatron_vlm.evaluation.items import TaskItems, items_path, write_items
+    from megatron_vlm.evaluation.stable_score import stable_score
+
+    entries, chance, accuracies = {}, {}, {"vision": {}, "text": {}}
+    for task, (kind, scores, groups, level, *ids) in tasks.items():
+        ids = list(ids[0]) if ids else [str(i) for i in range(len(scores))]
+        items = TaskItems(ids, [float(v) for v in scores], groups)
+        write_items(items_path(directory, task), items)
+        entries[task] = {"kind": kind, "metrics": {"accuracy": items.value(), "n": len(items)},
+                         "items": f"items/{task}.jsonl"}
+        chance[task] = level
+        accuracies[kind][task] = items.value()
+    return {"checkpoint": {"path": "ckpt", "step": 3}, "suite": "shapesworld", "limit": None,
+            "tasks": entries, "chance": chance,
+            "stable_score": {k: stable_score(a, chance, k) for k, a in accuracies.items() if a}}

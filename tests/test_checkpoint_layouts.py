@@ -54,8 +54,12 @@ def assert_continues(straight, resumed, first_step):
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12)
 
 
+# The distributed optimizer's state is sharded over DP and must be resharded at DP=1. The plain
+# optimizer's is replicated: a checkpoint holds one copy whatever the DP size, which the
+# two-host test (DP=2, saved and resumed, test_multihost.py) reads back; launching that case
+# here too would cost a minute of CPU.
 @pytest.mark.slow  # torchrun launches; the async-save test covers the writer in the default tier
-@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+@pytest.mark.parametrize("optimizer", ["distributed"])
 def test_dp2_checkpoint_resumes_at_dp1_with_the_same_losses(tmp_path, optimizer):
     extra = ["parallel.use_distributed_optimizer=true"] if optimizer == "distributed" else []
     straight = tmp_path / "dp2"

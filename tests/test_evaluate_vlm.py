@@ -167,3 +167,43 @@ def test_blank_images_run_never_sees_the_images(eval_run, tmp_path):
                f"evaluation.data_root={no_images}") == (blank, without)
     with pytest.raises(FileNotFoundError, match="cannot read image"):
         run("no_files", f"evaluation.data_root={no_images}")
+
+
+def test_items_and_intervals_are_written_for_every_task(eval_run, tmp_path):
+    """Each task's items (one score per example, POPE's by split) land in items/TASK.jsonl,
+    average to its accuracy, and give results.json its intervals; a rerun that reuses the
+    scores recomputes the same intervals from the files."""
+    from megatron_vlm.evaluation.compare import compare, load_arm
+    from megatron_vlm.evaluation.items import read_items
+    from megatron_vlm.evaluation.runner import EvalRequest, evaluate
+
+    _, checkpoint = eval_run
+    out = tmp_path / "eval"
+
+    def run():
+        return evaluate(EvalRequest(
+            checkpoint=str(checkpoint), suite="shapesworld_vision", limit=2, output_dir=str(out),
+            progress=False, overrides=["evaluation.max_new_tokens=4",
+                                       "evaluation.bootstrap_resamples=500"]))
+
+    results = run()
+    for task, entry in results["tasks"].items():
+        assert entry["items"] == f"items/{task}.jsonl"
+        items = read_items(out / entry["items"])
+        metrics = entry["metrics"]
+        assert len(items) == metrics["n"] and items.value() == pytest.approx(metrics["accuracy"])
+        lo, hi = metrics["accuracy_ci95"]
+        assert lo <= metrics["accuracy"] <= hi, task
+    assert read_items(out / "items" / "shapesworld_pope.jsonl").groups == \
+        ["adversarial"] * 2 + ["popular"] * 2 + ["random"] * 2
+    vision = results["stable_score"]["vision"]
+    assert vision["ci95"][0] <= vision["score"] <= vision["ci95"][1]
+    assert results["uncertainty"]["resamples"] == 500
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["tasks"] == results["tasks"] and saved["stable_score"] == results["stable_score"]
+    assert "] | 0.500 |" in (out / "results.md").read_text()  # POPE's interval beside it
+    again = run()  # every task reused: the intervals come from the items files
+    assert again["tasks"] == results["tasks"]
+    assert again["stable_score"] == results["stable_score"]
+    same = compare(load_arm(out), load_arm(out), resamples=200)
+    assert all(row.p_value == 1.0 and row.difference == 0.0 for row in same.rows)

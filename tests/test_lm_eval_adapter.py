@@ -297,6 +297,10 @@ def test_shapesworld_suite(lm, shapesworld):
         assert record["metric_used"] == "acc" and record["n"] == 8
         assert 0.0 <= record["acc"] <= 1.0 and record["score"] == record["acc"]
         assert record["stderr"] is not None and record["tasks"] == [name]
+        # each document's acc from lm-eval's logged samples, keyed by its doc_id
+        items = record["items"]
+        assert items.ids == [str(i) for i in range(8)] and items.groups is None
+        assert set(items.scores) <= {0.0, 1.0} and items.value() == pytest.approx(record["acc"])
     subset = run_text_suite(lm, ["shapesworld_order"], str(shapesworld / "text" / "tasks"),
                             limit=8)
     assert subset == {"shapesworld_order": results["shapesworld_order"]}
@@ -363,6 +367,16 @@ def test_paper_suite_combines_agieval_lsat():
     assert lsat["metric_used"] == "acc_norm" and lsat["n"] == 600
     assert abs(lsat["score"] - 0.3) < 1e-12  # unweighted mean of the three sections
     assert abs(lsat["stderr"] - 0.03 / 3 ** 0.5) < 1e-12
+    assert lsat["items"] is None  # no logged samples
+    # logged samples: each section's documents are a group, so the items average as the score
+    results["samples"] = {
+        task: [{"doc_id": d, "filter": "none", "acc_norm": float(d < 2 + i), "acc": 0.0}
+               for d in range(5 * (i + 1))]
+        for i, task in enumerate(("agieval_lsat_ar", "agieval_lsat_lr", "agieval_lsat_rc"))}
+    items = summarize(results, PAPER_SUITE[:1])["agieval_lsat"]["items"]
+    assert items.ids[:3] == ["agieval_lsat_ar/0", "agieval_lsat_ar/1", "agieval_lsat_ar/2"]
+    assert items.groups.count("agieval_lsat_rc") == 15
+    assert items.value() == pytest.approx((2 / 5 + 3 / 10 + 4 / 15) / 3)
     assert [t.name for t in PAPER_SUITE] == [
         "agieval_lsat", "arc_easy", "bigbench_conceptual_combinations", "boolq", "copa",
         "hellaswag", "mathqa", "piqa", "pubmedqa"]

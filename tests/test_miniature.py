@@ -3,6 +3,7 @@ training: the stages, the blank-image evaluation, --short, overrides, and the cl
 from results files."""
 
 import json
+import re
 
 import pytest
 
@@ -112,6 +113,34 @@ def test_report_reads_both_evaluations(tmp_path, monkeypatch):
     root = tmp_path / SHORT["output_root"]
     assert "| shapesworld_pope | 0.750 | 0.500 |" in (root / "results.md").read_text()
     assert (root / "plots" / "tasks.png").stat().st_size > 5_000
+
+
+def test_report_tests_the_images_worth_as_a_paired_difference(tmp_path, monkeypatch):
+    """With items beside both evaluations, the drop of the vision stable score comes with its
+    paired interval and p-value, in the printed text and in results.md."""
+    from evaluation_helpers import results_with_items
+
+    monkeypatch.chdir(tmp_path)
+    plan = miniature_plan(short=True)
+    evaluation, blank = plan.runs[-2], plan.runs[-1]
+    pope_groups = ["adversarial", "popular", "random"] * 20
+    for run, vqa, pope in ((evaluation, [1.0, 0.6, 1.0, 0.0] * 15, [1, 1, 0, 1] * 15),
+                           (blank, [0.0, 0.3, 0.0, 0.0] * 15, [1, 0, 0, 1] * 15)):
+        tasks = {"shapesworld_vqa": ("vision", vqa, None, 0.0),
+                 "shapesworld_pope": ("vision", pope, pope_groups, 0.5)}
+        if run is evaluation:
+            tasks["shapesworld_arith"] = ("text", [1, 0, 0, 0] * 10, None, 0.25)
+        (run.run_dir / "results.json").write_text(json.dumps(results_with_items(run.run_dir,
+                                                                                tasks)))
+    text, drop = report(plan)
+    match = re.search(r"the images are worth (\+[\d.]+) \(95% CI \[(\+[\d.]+), (\+[\d.]+)\], "
+                      r"p = ([\d.e-]+), paired bootstrap over the same 120 items\)", text)
+    assert match, text
+    worth, lo, hi, p = map(float, match.groups())
+    assert worth == pytest.approx(drop, abs=1e-3) and 0 < lo < worth < hi and p < 0.001
+    results_md = (tmp_path / SHORT["output_root"] / "results.md").read_text()
+    assert f"With images against blank images, vision stable score {drop:+.3f} (95% CI" in \
+        results_md
 
 
 def test_prepare_command_line(tmp_path):

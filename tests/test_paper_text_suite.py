@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from distributed import REPO, free_port, last_json
+from shared_fixtures import build_once
 from fake_hf_cache import (
     FAKE_DATASETS,
     FIXED_SCORES,
@@ -70,13 +71,16 @@ def _fraction_of(value: float, n: int) -> bool:
 def paper_run(tmp_path_factory):
     """The child's report: the suite's results, the checkpoint and tokenizer it made, and the
     errors for the removed data sets."""
-    root = tmp_path_factory.mktemp("paper_text")
-    env = write_fake_cache(root / "cache")
-    done = subprocess.run([sys.executable, __file__, str(root / "run"), str(root / "cache")],
-                          cwd=REPO, env=_subprocess_env(env), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return last_json(done.stdout)
+    def build(root):
+        env = write_fake_cache(root / "cache")
+        done = subprocess.run([sys.executable, __file__, str(root / "run"), str(root / "cache")],
+                              cwd=REPO, env=_subprocess_env(env), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return last_json(done.stdout)
+
+    # over a minute: one worker builds it, the others read it
+    return build_once(tmp_path_factory, "paper_text", build)
 
 
 def test_fake_cache_covers_the_suite():
@@ -105,6 +109,11 @@ def test_paper_suite_runs_offline(paper_run):
         assert record[metric] == value and 0.0 <= value <= 1.0, (name, record)
         n = sum(scored_rows(task, LIMIT) for task in tasks)
         assert record["n"] == n, (name, record["n"], n)
+        # one score per document, distinct ids, averaging to the reported value (LSAT: the
+        # mean of its sections' means)
+        items = record["items"]
+        assert items["n"] == items["distinct_ids"] == n, (name, items)
+        assert math.isclose(items["value"], value, abs_tol=1e-12), (name, items, value)
         if len(tasks) == 1:
             assert _fraction_of(value, n), (name, value, n)
 
@@ -194,8 +203,13 @@ def _child(out: Path, cache_root: Path) -> int:
         # Batches of 8, as tools/evaluate_vlm.py scores them (evaluation.batch_size), so that
         # both runs give the same numbers.
         lm = MegatronVLMLM(EvalModel.from_checkpoint(checkpoint), tokenizer, batch_size=8)
-        report = {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer),
-                  "suite": run_text_suite(lm, "paper", limit=LIMIT), "missing": {}}
+        suite = run_text_suite(lm, "paper", limit=LIMIT)
+        for entry in suite.values():  # each document's score: their count and mean
+            items = entry.pop("items")
+            entry["items"] = {"n": len(items), "value": items.value(),
+                              "distinct_ids": len(set(items.ids))}
+        report = {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer), "suite": suite,
+                  "missing": {}}
         path, entry = MISSING_DATASET
         shutil.rmtree(dataset_cache_dir(cache_root, path))
         report["missing"]["dataset"] = _error_of(

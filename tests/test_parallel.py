@@ -5,10 +5,13 @@ import pytest
 
 from distributed import last_json, torchrun
 
+# Each layout is one torchrun launch, about 30 s of wall time and 50 s of CPU on 2 cores, so a
+# layout another one contains is not launched again: plain TP=2 and PP=2 are both in tp2_pp2
+# (TP without sequence parallelism, the pipeline, the plain optimizer), and plain DP=2 is
+# dp2_distributed_optimizer without the optimizer's sharding (the DP=2 checkpoint tests of
+# test_checkpoint_layouts.py run it with both optimizers). `python -m megatron_vlm.check_parallel`
+# still checks any layout by hand.
 LAYOUTS = {  # name: (ranks, arguments)
-    "tp2": (2, ["--tp", "2"]),
-    "pp2": (2, ["--pp", "2"]),
-    "dp2": (2, ["--dp", "2"]),
     "dp2_distributed_optimizer": (2, ["--dp", "2", "--distributed-optimizer"]),
     "tp2_pp2": (4, ["--tp", "2", "--pp", "2"]),
     # The unfrozen-encoder ablation: SigLIP tower in the graph, replicated over TP ranks.
@@ -37,8 +40,6 @@ LAYOUTS = {  # name: (ranks, arguments)
 }
 
 
-# The plain TP=2 and PP=2 layouts are contained in tp2_pp2 (TP without sequence parallelism, and
-# the pipeline, with the plain optimizer); CI runs that one and leaves these two to `-m slow`.
 # One layout in the default tier (DP=2 with overlapped reduce through text-only micro-batches,
 # the path most likely to break); the others in the slow tier (docs/testing.md).
 FAST_LAYOUTS = {"dp2_overlap_text_only_microbatches"}

@@ -164,6 +164,31 @@ def test_every_kind_renders_to_png(tmp_path):
     assert all(p.read_bytes().startswith(PNG) for p in written)
 
 
+def test_intervals_in_the_table_become_error_bars(tmp_path):
+    """A metric's _lo/_hi columns (the 95% intervals of results.json) are drawn as error bars
+    around exactly the table's points."""
+    rows = []
+    for i, pct in enumerate((20, 40, 60)):
+        value = 0.1 * (i + 1)
+        rows.append({"text_checkpoint": pct, "stable_score.vision": value,
+                     "stable_score.vision_lo": value - 0.02, "stable_score.vision_hi": value + 0.05,
+                     "vision.vqav2": 0.5, "vision.vqav2_lo": None, "vision.vqav2_hi": None})
+    path = table_csv(tmp_path, ["text_checkpoint"], rows, ["stable_score.vision", "vision.vqav2"])
+    table = read_table(path)
+    assert table.metrics == ["stable_score.vision", "vision.vqav2"]
+    (panel,) = figure_data(table, "text_checkpoint", ["stable_score.vision"]).panels
+    (series,) = panel.series
+    assert series.intervals == [pytest.approx((v - 0.02, v + 0.05)) for v in (0.1, 0.2, 0.3)]
+    fig = render(figure_data(table, "text_checkpoint", ["stable_score.vision"]), "s")
+    (ax,) = fig.axes
+    bars = [c for c in ax.collections if c.get_segments()]
+    assert [tuple(seg[:, 1]) for seg in bars[0].get_segments()] == [
+        pytest.approx((v - 0.02, v + 0.05)) for v in (0.1, 0.2, 0.3)]
+    tasks = figure_data(table, "tasks")
+    assert tasks.panels[0].series[0].intervals == [None]  # vqav2 has no interval
+    assert plot_table(table, tmp_path / "plots", ["tasks"])[0].read_bytes().startswith(PNG)
+
+
 def test_a_malformed_table_is_one_clear_error(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("sweep,run,text_checkpoint,stable_score.vision\ns,a,20,0.1\ns,b,40,high\n")

@@ -272,6 +272,37 @@ def test_prediction_box_wins_over_text():
     assert metrics["accuracy"] == 1.0 and metrics["unparsable"] == 0.0
 
 
+def test_item_scores_are_what_the_accuracy_averages():
+    """item_scores: each example's own score by the task's rule, keyed by id; their mean (of
+    each split's mean for POPE) is the accuracy."""
+    from megatron_vlm.evaluation.items import TaskItems
+    from megatron_vlm.evaluation.scorers import item_groups, item_scores, score_items
+
+    vqa = [ex(1, ["2"] * 10), ex(2, ["red"] * 2 + ["blue"] * 8), ex(3, ["cat"] * 10)]
+    # soft VQA accuracy: 1; 2 matching answers of 10 -> (8 * 2/3 + 2 * 1/3) / 10 = 0.6; 0
+    items = item_scores("vqav2", vqa, preds(**{"1": "two", "2": "red", "3": "dog"}))
+    assert items == pytest.approx({"1": 1.0, "2": 0.6, "3": 0.0})
+    pope = [ex("p0", ["yes"], task="pope", split="popular"),
+            ex("a0", ["yes"], task="pope", split="adversarial"),
+            ex("a1", ["no"], task="pope", split="adversarial"),
+            ex("a2", ["no"], task="pope", split="adversarial")]
+    metrics, items = score_items("pope", pope, preds(p0="yes", a0="no", a1="no", a2="yes"))
+    assert items == {"p0": 1.0, "a0": 0.0, "a1": 1.0, "a2": 0.0}
+    groups = item_groups("pope", pope)
+    assert groups == {"p0": "popular", "a0": "adversarial", "a1": "adversarial",
+                      "a2": "adversarial"}
+    assert TaskItems(list(items), list(items.values()), list(groups.values())).value() == \
+        pytest.approx(metrics["accuracy"]) == pytest.approx((1.0 + 1 / 3) / 2)
+    boxes = [ex(k, task="refcoco", box=(0.0, 0.0, 1.0, 0.5)) for k in ("hit", "miss", "words")]
+    assert item_scores("refcoco", boxes, preds(hit="[0, 0, 1, 0.75]", miss="[0, 0, 1, 0.2]",
+                                                words="left")) == {"hit": 1.0, "miss": 0.0,
+                                                                   "words": 0.0}
+    assert item_groups("refcoco", boxes) is None
+    gqa = [ex(1, ["yes"], task="gqa"), ex(2, ["table"], task="gqa")]
+    assert item_scores("gqa", gqa, preds(**{"1": "YES!", "2": "the table"})) == \
+        {"1": 1.0, "2": 0.0}
+
+
 def test_grounding_needs_a_ground_truth_box():
     with pytest.raises(ValueError, match="'1'.*'box'"):
         score("refcoco", [ex(1, task="refcoco")], preds(**{"1": "[0, 0, 1, 1]"}))

@@ -494,6 +494,53 @@ def test_the_table_has_one_row_per_grid_point_keyed_by_its_values(tmp_path):
         md_path.read_text() == markdown(table)
 
 
+def test_the_table_shows_intervals_and_compare_tests_every_arm_against_a_baseline(tmp_path,
+                                                                                  capsys):
+    """results.csv gets <metric>_lo/_hi columns (read back as intervals, not metrics) and
+    results.md value [lo, hi]; --compare pairs every evaluated grid point with the baseline."""
+    from evaluation_helpers import results_with_items
+
+    from megatron_vlm.experiments.results_table import collect, markdown, write_tables
+    from megatron_vlm.evaluation.uncertainty import add_intervals
+
+    body = recipe_sweep(tmp_path, {"text_checkpoint": [40, 60, 80]})
+    spec = load_sweep(write_sweep(tmp_path, body))
+    plan = build_plan(spec)
+    first, second, third = plan.points
+    for point, shift in ((first, 0.0), (second, 0.3)):
+        ev = plan.run(point.evaluation)
+        scores = [min(1.0, v + shift) for v in [0.0, 1.0, 0.5, 0.0, 0.2] * 20]
+        results = results_with_items(ev.run_dir, {"shapesworld_vqa": ("vision", scores, None, 0)})
+        add_intervals(results, ev.run_dir, {}, resamples=300, seed=0)
+        (ev.run_dir / "results.json").write_text(json.dumps(results))
+    table = collect(plan)
+    csv_path, md_path = write_tables(table, spec.output_root)
+    row = table.rows[0]
+    lo, hi = row["vision.shapesworld_vqa_lo"], row["vision.shapesworld_vqa_hi"]
+    assert lo < row["vision.shapesworld_vqa"] < hi
+    again = read_table(csv_path)
+    assert again.metrics == table.metrics and "vision.shapesworld_vqa_lo" not in again.metrics
+    assert again.rows[0]["stable_score.vision_hi"] == pytest.approx(row["stable_score.vision_hi"])
+    assert again.rows[2]["vision.shapesworld_vqa_lo"] is None  # not evaluated
+    assert f"| {row['vision.shapesworld_vqa']:.4f} [{lo:.4f}, {hi:.4f}] |" in markdown(table)
+    # every evaluated arm against the first; the third is not evaluated
+    tool = sweep_tool()
+    assert tool.main([str(spec.path), "--compare", first.name]) == 0
+    printed = capsys.readouterr().out
+    assert f"(not evaluated yet: {third.name})" in printed
+    saved = json.loads((spec.output_root / "comparison.json").read_text())
+    (only,) = saved["comparisons"]
+    assert only["a"] == first.name and only["b"] == second.name
+    vqa = only["rows"][0]
+    assert vqa["name"] == "shapesworld_vqa" and vqa["difference"] > 0 and vqa["p_holm"] < 0.01
+    assert (spec.output_root / "comparison.md").is_file()
+    assert (spec.output_root / "comparison.png").is_file()
+    with pytest.raises(ValueError, match="--compare 'nope': not a grid point of sweep t"):
+        tool.main([str(spec.path), "--compare", "nope"])
+    with pytest.raises(ValueError, match=f"grid point {third.name} has no evaluation yet"):
+        tool.main([str(spec.path), "--compare", third.name])
+
+
 def test_a_failed_run_stops_the_sweep_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     body = recipe_sweep(tmp_path, {"text_checkpoint": [80]},

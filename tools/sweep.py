@@ -10,6 +10,8 @@ into stage runs that share what they can, run in dependency order, collected int
     bash slurm/fig4/submit.sh                         # jobs chained with --dependency=afterok
     python tools/sweep.py SWEEP.yaml --collect        # only rebuild the results table
     python tools/sweep.py examples/sweeps/seed_ablations_tiny_cpu.yaml --only encoder=frozen
+    python tools/sweep.py examples/sweeps/seed_ablations_tiny_cpu.yaml \\
+        --compare ckpt80_encfrozen_projmlp2_ft4        # every arm against this one, paired
 
 Run it from the repository root: paths inside the stage configs and the sweep's output_root
 are relative to the working directory. Each run is a subprocess of pretrain_vlm.py,
@@ -24,8 +26,10 @@ stops the sweep before anything runs, with one line naming the runs and the chan
 --rerun-changed moves their directories aside (<dir>.replaced-<time>) and runs them again.
 Ctrl-C or SIGTERM stops the running child and every process it started. At the end (and with
 --collect) every evaluation goes into OUTPUT_ROOT/results.csv and results.md, one row per grid
-point; tools/plot_results.py draws the paper's figures from the CSV. The sweep file format is in
-docs/experiments.md.
+point; tools/plot_results.py draws the paper's figures from the CSV. --compare RUN compares
+every evaluated grid point with the one named RUN (a paired test per task and stable score,
+Holm-adjusted over all of them) into OUTPUT_ROOT/comparison.md, .json and .png. The sweep file
+format is in docs/experiments.md.
 """
 
 from megatron_vlm.logs import configure_logging  # noqa: I001  (first, before other imports)
@@ -57,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--collect", action="store_true",
                       help="only collect the existing evaluations into OUTPUT_ROOT/results.csv "
                            "and results.md")
+    mode.add_argument("--compare", metavar="RUN",
+                      help="only compare every evaluated grid point with grid point RUN (its "
+                           "name, the run column of results.csv): B - A with a paired bootstrap "
+                           "95%% interval and a p-value per task and stable score, Holm-adjusted "
+                           "over all; writes OUTPUT_ROOT/comparison.md, .json and .png")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run here: 1 runs python SCRIPT (CPU, or one GPU); N "
                              "runs torchrun --standalone --nproc_per_node N (a GPU node)")
@@ -91,6 +100,7 @@ def main(argv=None) -> int:
     from megatron_vlm.experiments.results_table import collect, write_tables
     from megatron_vlm.experiments.stage_records import check_records, move_aside, stale_message
     from megatron_vlm.experiments.sweep_spec import load_sweep
+    from megatron_vlm.evaluation.statistics import RESAMPLES, SEED
 
     args = build_parser().parse_args(argv)
     if args.json and not args.dry_run:
@@ -101,6 +111,13 @@ def main(argv=None) -> int:
     plan = build_plan(spec, only) if only else full
     if not plan.points:
         raise ValueError(f"--only {' '.join(args.only)} leaves no grid point")
+    if args.compare:
+        from megatron_vlm.experiments.sweep_compare import compare_sweep
+
+        files, skipped = compare_sweep(full, args.compare, RESAMPLES, SEED)
+        left_out = f" (not evaluated yet: {', '.join(skipped)})" if skipped else ""
+        print(f"comparison with {args.compare}: {', '.join(map(str, files))}{left_out}")
+        return 0
     if not args.collect:
         check_commands(plan)  # a command its tool would refuse stops the sweep before it starts
 

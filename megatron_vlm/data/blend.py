@@ -108,6 +108,9 @@ class BlendIndex:
         self.cache_path = cache_path
         self._summary = summary
         self._next: Optional[tuple[int, np.ndarray]] = None   # (batch, its start state)
+        # The batch last fetched, (i, source ids, sample ids): each micro-batch of a step, and
+        # the loader's token ledger, ask for the same global batch again.
+        self._last: Optional[tuple[int, np.ndarray, np.ndarray]] = None
         self._arrays: Optional[dict[str, np.ndarray]] = None
 
     @property
@@ -142,6 +145,8 @@ class BlendIndex:
         if not 0 <= i < self._num_batches:
             raise IndexError(f"global batch {i} is outside the blend index's {self._num_batches} "
                              "batches")
+        if self._last is not None and self._last[0] == i:   # checked when first fetched
+            return self._last[1].copy(), self._last[2].copy()
         B = self.global_batch_size
         cached = self._next
         if cached is not None and cached[0] == i:     # reading in order: no search
@@ -153,7 +158,9 @@ class BlendIndex:
         state += np.bincount(labels, minlength=self.order.k)
         self.check_boundary(state, i + 1)
         self._next = (i + 1, state)
-        return labels, self.order.fill_ids(part).astype(self.id_dtype)
+        ids = self.order.fill_ids(part).astype(self.id_dtype)
+        self._last = (i, labels.copy(), ids.copy())
+        return labels, ids
 
     def sweep(self, start: int = 0, stop: Optional[int] = None,
               ids: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, Optional[tuple]]]:

@@ -41,6 +41,7 @@ import torch
 
 from megatron_vlm.config import DATA_SOURCES
 from megatron_vlm.data.batch import check_batch
+from megatron_vlm.data.batch_tally import BlendTally, SourceTally
 from megatron_vlm.data.blend import BlendIndex, BlendSource, build_blend_index, source_from_shards
 from megatron_vlm.data.samples import (
     Sample,
@@ -83,6 +84,7 @@ class DataSources:
         self.separator_id = resolve_separator(tokenizer, data_cfg.separator_token)
         self.names = [n for n in SOURCE_ORDER if n in data_cfg.ratios]
         self.skipped: dict[str, list[str]] = {}
+        self._blend_sources: Optional[list[BlendSource]] = None
         self.text = self.captions = self.instructions = self.instruction_images = None
         self.fill_text = data_cfg.caption_fill == "text" and "captions" in self.names
         self.encoder_given = encoder is not None
@@ -179,7 +181,13 @@ class DataSources:
 
     def blend_sources(self) -> list[BlendSource]:
         """Per source: sequence count and the positions, loss tokens and image positions of
-        every sequence, as the blend index counts them."""
+        every sequence, as the blend index counts them (read from the shards once; the blend
+        index and the run's token ledger both use them)."""
+        if self._blend_sources is None:
+            self._blend_sources = self._count_blend_sources()
+        return self._blend_sources
+
+    def _count_blend_sources(self) -> list[BlendSource]:
         common = dict(n_img=self.n_img, eos_id=self.eos_id)
         kinds = {"text": ("text", self.text_prefixes),
                  "captions": ("caption", self.cfg.captions),
@@ -329,6 +337,12 @@ class BlendLoader:
         self.state = state or LoaderState()
         self.dataset = _RankMicroBatches(sources, index, dp_rank, dp_size, micro_batch_size,
                                          self.state.consumed_global_batches)
+        self.index = index
+        self.tally = BlendTally(index, sources.blend_sources())
+        self.epoch_tokens = self.tally.epoch_tokens
+        # What the global batch last returned holds of each source (the run's token ledger
+        # adds it up): from the index, on the host, never from the batch's tensors.
+        self.last_tally: dict[str, SourceTally] = {}
         self.microbatches_per_step = self.dataset.per_batch
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, shuffle=False, num_workers=num_workers,
@@ -341,6 +355,7 @@ class BlendLoader:
         if self._it is None:
             self._it = iter(self._loader)
         batches = [next(self._it) for _ in range(self.microbatches_per_step)]
+        self.last_tally = self.tally(self.state.consumed_global_batches)
         self.state.consumed_global_batches += 1
         return batches
 

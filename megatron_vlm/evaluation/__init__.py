@@ -5,5 +5,7 @@ One module per concern: ``records`` (the example and prediction records every pa
 ``tasks`` (loaders of the official annotation layouts), ``custom_task`` (one's own questions
 from a JSON Lines file), ``prompts``, ``engine`` (a checkpoint loaded for inference; batched
 log-likelihoods and greedy generation with a KV cache), ``scorers``, ``stable_score``,
-``lm_eval_adapter`` and ``runner`` (``tools/evaluate_vlm.py``).
+``lm_eval_adapter`` and ``runner`` (``tools/evaluate_vlm.py``); ``items`` (each example's score,
+``items/TASK.jsonl``), ``statistics`` (bootstrap intervals, paired tests, Holm),
+``uncertainty`` (the intervals of results.json) and ``compare`` (``tools/compare_runs.py``).
 """

@@ -9,7 +9,9 @@
   table; the checkpoint (path, step, fingerprint) and the resolved config;
 * ``results.md``: the same as a markdown table;
 * ``predictions/TASK.jsonl``: one prediction per vision example (``tools/score_predictions.py``
-  re-scores it offline).
+  re-scores it offline);
+* ``items/TASK.jsonl``: each example's score (:mod:`.items`), from which results.json's 95%
+  intervals (:mod:`.uncertainty`) and ``tools/compare_runs.py``'s paired tests are computed.
 
 The tasks of ``evaluation.custom_tasks`` (:mod:`.custom_task`) run with every suite, after its
 vision tasks (``--suite custom``: alone); their results carry ``"custom": true`` and stay out of
@@ -34,6 +36,7 @@ from typing import Optional, Sequence
 
 from megatron_vlm.evaluation.data_parallel import is_global_rank0
 from megatron_vlm.evaluation.stable_score import chance_levels, stable_score
+from megatron_vlm.evaluation.uncertainty import CI_KEY, STABLE_CI_KEY, add_intervals, interval_text
 from megatron_vlm.progress import interactive
 
 logger = logging.getLogger("megatron_vlm")
@@ -189,13 +192,19 @@ def markdown_table(results: dict) -> str:
         level = chance.get(task, 0.0 if entry["kind"] == "vision" else float("nan"))
         kind = entry["kind"] + (" (custom, not in the stable score)" if entry.get("custom")
                                 else "")
-        lines.append(f"| {task} | {kind} | {_headline(task, metrics):.4f} | "
+        lines.append(f"| {task} | {kind} | {_headline(task, metrics):.4f}"
+                     f"{interval_text(metrics.get(CI_KEY))} | "
                      f"{level:.3f} | {metrics.get('n', '')} | {details} |")
     lines += ["", "| stable score | value | tasks |", "|---|---|---|"]
     for kind in ("vision", "text"):
         s = results.get("stable_score", {}).get(kind)
         if s and s["score"] is not None:
-            lines.append(f"| {kind} | {s['score']:.4f} | {s['tasks']} |")
+            lines.append(f"| {kind} | {s['score']:.4f}{interval_text(s.get(STABLE_CI_KEY))} | "
+                         f"{s['tasks']} |")
+    how = results.get("uncertainty")
+    if how:
+        lines += ["", f"[lo, hi]: {how['level']:.0%} {how['method']} ({how['resamples']} "
+                      f"resamples, seed {how['seed']}; items in items/TASK.jsonl)"]
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +252,9 @@ def evaluate(request: EvalRequest) -> dict:
         "suite": request.suite, "limit": request.limit,
         "tasks": {}, "config": config_to_dict(cfg),
     }
+    from megatron_vlm.training.lineage import checkpoint_lineage
+
+    results["lineage"] = checkpoint_lineage(checkpoint)  # what made the checkpoint scored
     done = {} if request.redo else previous.get("tasks", {})
     # Tasks scored earlier into this directory (e.g. by another suite) at the same limit stay,
     # so one results.json gathers a checkpoint's scores and its stable scores cover them all.
@@ -268,13 +280,14 @@ def evaluate(request: EvalRequest) -> dict:
             output.mkdir(parents=True, exist_ok=True)
             write_json_atomic(results_path, results)
 
+    scored_items: dict = {}  # the items of the tasks scored now (every rank holds them)
     if vision_tasks:
         _run_vision(vision_tasks, custom, eval_model, tokenizer, cfg, request, system_prompt,
-                    base_settings, results, reuse, save, output)
+                    base_settings, results, reuse, save, output, scored_items)
     suite_levels: dict = {}
     if text_tasks:
         suite_levels = _run_text(text_tasks, eval_model, tokenizer, cfg, request, base_settings,
-                                 results, reuse, save)
+                                 results, reuse, save, output, scored_items)
     chance = chance_levels(ev.boolq_chance, ev.chance, suite_levels)
     results["chance"] = {t: chance.get(t, 0.0) for t in results["tasks"]}
     accuracies = {"vision": {}, "text": {}}
@@ -283,6 +296,7 @@ def evaluate(request: EvalRequest) -> dict:
             accuracies[entry["kind"]][task] = _headline(task, entry["metrics"])
     results["stable_score"] = {kind: stable_score(accs, chance, kind)
                                for kind, accs in accuracies.items() if accs}
+    add_intervals(results, output, scored_items, ev.bootstrap_resamples, ev.bootstrap_seed)
     save()
     if is_global_rank0():
         write_text_atomic(output / TABLE_NAME, markdown_table(results))
@@ -291,12 +305,14 @@ def evaluate(request: EvalRequest) -> dict:
 
 
 def _run_vision(tasks, custom, eval_model, tokenizer, cfg, request, system_prompt,
-                base_settings, results, reuse, save, output: Path) -> None:
+                base_settings, results, reuse, save, output: Path, scored_items: dict) -> None:
     from megatron_vlm.data.samples import resolve_separator
     from megatron_vlm.evaluation import custom_task
     from megatron_vlm.evaluation import prompts as prompt_lib
     from megatron_vlm.evaluation.eval_images import ImageSource
-    from megatron_vlm.evaluation.scorers import TaskScoring, score, write_predictions
+    from megatron_vlm.evaluation.items import TaskItems
+    from megatron_vlm.evaluation.scorers import (TaskScoring, item_groups, score_items,
+                                                 write_predictions)
     from megatron_vlm.evaluation.tasks import VISION_TASKS, load_task
     from megatron_vlm.evaluation.vision import predict
 
@@ -338,19 +354,37 @@ def _run_vision(tasks, custom, eval_model, tokenizer, cfg, request, system_promp
             images, stop_ids=(separator_id, tokenizer.eos_id), decode=tokenizer.decode,
             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, yes_no=yes_no,
             progress=request.progress and is_global_rank0(), desc=task)
-        metrics = score(task, examples, {p.example_id: p for p in predictions},
-                        scoring=None if mine is None else TaskScoring(mine.scoring))
+        scoring = None if mine is None else TaskScoring(mine.scoring)
+        metrics, per_item = score_items(task, examples, {p.example_id: p for p in predictions},
+                                        scoring=scoring)
         path = output / PREDICTIONS_DIR / f"{task}.jsonl"
         if is_global_rank0():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_predictions(path, predictions)
+        groups = item_groups(task, examples, scoring)
         results["tasks"][task] = {"kind": "vision", "metrics": metrics, "settings": settings,
                                   "predictions": str(path.relative_to(output)),
+                                  "items": _keep_items(output, task, TaskItems(
+                                      list(per_item), list(per_item.values()),
+                                      None if groups is None else list(groups.values())),
+                                      scored_items),
                                   "seconds": round(time.perf_counter() - start, 2)}
         if mine is not None:
             results["tasks"][task]["custom"] = True
         logger.info("%s: accuracy %.4f over %d examples", task, metrics["accuracy"], len(examples))
         save()
+
+
+def _keep_items(output: Path, task: str, items, scored_items: dict) -> str:
+    """Writes a task's items file (global rank 0) and keeps the items for the intervals;
+    returns the file's path relative to ``output``, as results.json names it."""
+    from megatron_vlm.evaluation.items import items_path, write_items
+
+    path = items_path(output, task)
+    if is_global_rank0():
+        write_items(path, items)
+    scored_items[task] = items
+    return str(path.relative_to(output))
 
 
 def custom_settings(task) -> dict:
@@ -393,7 +427,7 @@ def _lm_eval_output(interactive: bool):
 
 
 def _run_text(tasks, eval_model, tokenizer, cfg, request, base_settings, results, reuse,
-              save) -> dict:
+              save, output: Path, scored_items: dict) -> dict:
     from megatron_vlm.evaluation.lm_eval_adapter import MegatronVLMLM
     from megatron_vlm.evaluation.text_suites import run_text_suite, suite_chance_levels
 
@@ -410,9 +444,12 @@ def _run_text(tasks, eval_model, tokenizer, cfg, request, base_settings, results
     seconds = round(time.perf_counter() - start, 2)
     for task in todo:
         metrics = dict(scored[task])
+        items = metrics.pop("items", None)
         metrics["accuracy"] = metrics[metrics["metric_used"]]
         results["tasks"][task] = {"kind": "text", "metrics": metrics, "settings": settings,
                                   "seconds": seconds}
+        if items is not None:
+            results["tasks"][task]["items"] = _keep_items(output, task, items, scored_items)
         logger.info("%s: %s %.4f over %s examples", task, metrics["metric_used"],
                     metrics["accuracy"], metrics.get("n"))
     save()

@@ -3,8 +3,10 @@
 ``score(task, examples, predictions)`` picks the rule from :data:`TASK_SCORING` and returns a
 flat dict: ``accuracy`` and the task's breakdowns, every metric a fraction in [0, 1], plus the
 counts ``n`` (examples scored) and ``missing`` (examples without a prediction, scored wrong;
-only allowed with ``allow_missing=True``). The rules follow TRI's vlm-evaluation, which the
-paper's numbers come from:
+only allowed with ``allow_missing=True``). ``item_scores`` gives, by the same code, each
+example's own score (what ``accuracy`` averages; :mod:`.items`), ``score_items`` both at once,
+and ``item_groups`` the split of each POPE example (its accuracy averages the splits). The
+rules follow TRI's vlm-evaluation, which the paper's numbers come from:
 
 * VQA (``vqav2``, ``shapesworld_vqa``; ``vizwiz`` too). The prediction is ALWAYS normalised
   (:func:`~megatron_vlm.evaluation.answer_normalize.normalize_vqa_answer`: punctuation, then
@@ -65,6 +67,8 @@ from megatron_vlm.evaluation.records import Example, Prediction
 from megatron_vlm.fsutil import write_text_atomic
 
 Metrics = dict[str, Union[float, int]]
+Scored = tuple[Metrics, list[float]]
+"""What a scorer returns: the metrics and each example's headline score, in example order."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ TASK_SCORING: dict[str, TaskScoring] = {
     "shapesworld_ref": TaskScoring("grounding", 0.5),
     "ocid_ref": TaskScoring("grounding", 0.25),
 }
+
+
+SPLIT_MEAN_KINDS = frozenset({"pope"})
+"""Kinds whose ``accuracy`` is the mean of the split accuracies, not of all examples."""
 
 
 def task_scoring(task: str) -> TaskScoring:
@@ -220,7 +228,7 @@ def _answers(example: Example, where: str) -> tuple[str, ...]:
 
 def _score_soft_vqa(examples: Sequence[Example], predictions: Sequence[Optional[Prediction]],
                     rule: Callable[[str, Sequence[str]], float], where: str,
-                    answerable: bool = False) -> Metrics:
+                    answerable: bool = False) -> Scored:
     scores = []
     for example, prediction in zip(examples, predictions):
         answers = _answers(example, where)
@@ -231,22 +239,22 @@ def _score_soft_vqa(examples: Sequence[Example], predictions: Sequence[Optional[
         flags = [e.extra.get("answerable") for e in examples]
         names = [None if f is None else ("answerable" if f else "unanswerable") for f in flags]
         metrics.update(_group_means(scores, names, "accuracy"))
-    return metrics
+    return metrics, scores
 
 
-def _score_vqa(examples, predictions, where, scoring) -> Metrics:
+def _score_vqa(examples, predictions, where, scoring) -> Scored:
     return _score_soft_vqa(examples, predictions, vqa_accuracy, where)
 
 
-def _score_vizwiz(examples, predictions, where, scoring) -> Metrics:
+def _score_vizwiz(examples, predictions, where, scoring) -> Scored:
     return _score_soft_vqa(examples, predictions, vqa_accuracy, where, answerable=True)
 
 
-def _score_textvqa(examples, predictions, where, scoring) -> Metrics:
+def _score_textvqa(examples, predictions, where, scoring) -> Scored:
     return _score_soft_vqa(examples, predictions, textvqa_accuracy, where)
 
 
-def _score_gqa(examples, predictions, where, scoring) -> Metrics:
+def _score_gqa(examples, predictions, where, scoring) -> Scored:
     scores = []
     for example, prediction in zip(examples, predictions):
         answers = _answers(example, where)
@@ -254,10 +262,10 @@ def _score_gqa(examples, predictions, where, scoring) -> Metrics:
             raise ValueError(f"{where}example {example.example_id!r}: field 'answers' must hold "
                              f"exactly one GQA answer, got {len(answers)}")
         scores.append(float(prediction is not None and gqa_match(prediction.answer, answers[0])))
-    return {"accuracy": _mean(scores)}
+    return {"accuracy": _mean(scores)}, scores
 
 
-def _score_exact(examples, predictions, where, scoring) -> Metrics:
+def _score_exact(examples, predictions, where, scoring) -> Scored:
     scores, off_choices = [], []
     for example, prediction in zip(examples, predictions):
         answer = None if prediction is None else prediction.answer
@@ -268,7 +276,7 @@ def _score_exact(examples, predictions, where, scoring) -> Metrics:
     metrics: Metrics = {"accuracy": _mean(scores)}
     if off_choices:
         metrics["off_choices"] = _mean(off_choices)
-    return metrics
+    return metrics, scores
 
 
 def _pope_label(example: Example, where: str) -> str:
@@ -295,8 +303,9 @@ def _binary_metrics(labels: Sequence[str], answers: Sequence[str], split: str) -
             f"yes_ratio/{split}": (tp + fp) / len(pairs)}
 
 
-def _score_pope(examples, predictions, where, scoring) -> Metrics:
+def _score_pope(examples, predictions, where, scoring) -> Scored:
     by_split: dict[str, tuple[list[str], list[str]]] = {}
+    correct = []
     for example, prediction in zip(examples, predictions):
         label = _pope_label(example, where)
         if prediction is None:
@@ -306,11 +315,12 @@ def _score_pope(examples, predictions, where, scoring) -> Metrics:
         labels, answers = by_split.setdefault(str(example.split), ([], []))
         labels.append(label)
         answers.append(answer)
+        correct.append(float(answer == label))
     split_metrics: Metrics = {}
     for split, (labels, answers) in by_split.items():
         split_metrics.update(_binary_metrics(labels, answers, split))
     accuracy = _mean([split_metrics[f"accuracy/{split}"] for split in by_split])
-    return {"accuracy": accuracy, **split_metrics}
+    return {"accuracy": accuracy, **split_metrics}, correct
 
 
 def _predicted_box(prediction: Prediction) -> Optional[Sequence[float]]:
@@ -319,7 +329,7 @@ def _predicted_box(prediction: Prediction) -> Optional[Sequence[float]]:
     return parse_box(prediction.answer)
 
 
-def _score_grounding(examples, predictions, where, scoring) -> Metrics:
+def _score_grounding(examples, predictions, where, scoring) -> Scored:
     correct, unparsable, invalid = [], 0, 0
     for example, prediction in zip(examples, predictions):
         truth = example.box
@@ -337,10 +347,10 @@ def _score_grounding(examples, predictions, where, scoring) -> Metrics:
     metrics.update(_group_means(correct, [e.extra.get("clutter") for e in examples], "accuracy"))
     metrics["unparsable"] = unparsable / len(examples)
     metrics["invalid"] = invalid / len(examples)
-    return metrics
+    return metrics, correct
 
 
-_SCORERS: dict[str, Callable[..., Metrics]] = {
+_SCORERS: dict[str, Callable[..., Scored]] = {
     "vqa": _score_vqa, "vizwiz": _score_vizwiz, "textvqa": _score_textvqa, "gqa": _score_gqa,
     "pope": _score_pope, "grounding": _score_grounding, "exact": _score_exact,
 }
@@ -362,6 +372,30 @@ def score(task: str, examples: Sequence[Example], predictions: Mapping[str, Pred
     without a prediction, unless ``allow_missing`` (then they are scored wrong and counted in
     ``missing``). ``source`` names the predictions file in error messages.
     """
+    return score_items(task, examples, predictions, allow_missing, source, scoring)[0]
+
+
+def item_scores(task: str, examples: Sequence[Example], predictions: Mapping[str, Prediction],
+                allow_missing: bool = False, source: Optional[str] = None,
+                scoring: Optional[TaskScoring] = None) -> dict[str, float]:
+    """Each example's headline score in [0, 1], keyed by example id, by the same rule as
+    :func:`score`: VQA soft accuracy, exact match, POPE answer or grounding hit (0 or 1)."""
+    return score_items(task, examples, predictions, allow_missing, source, scoring)[1]
+
+
+def item_groups(task: str, examples: Sequence[Example],
+                scoring: Optional[TaskScoring] = None) -> Optional[dict[str, str]]:
+    """Each example's split, keyed by example id, where the task's accuracy is the mean of its
+    splits' accuracies (POPE), so that the items' statistic is the reported one; else None."""
+    if (scoring or task_scoring(task)).kind not in SPLIT_MEAN_KINDS:
+        return None
+    return {e.example_id: str(e.split) for e in examples}
+
+
+def score_items(task: str, examples: Sequence[Example], predictions: Mapping[str, Prediction],
+                allow_missing: bool = False, source: Optional[str] = None,
+                scoring: Optional[TaskScoring] = None) -> tuple[Metrics, dict[str, float]]:
+    """(:func:`score`'s metrics, :func:`item_scores`' per-example scores) from one pass."""
     scoring = scoring or task_scoring(task)
     where = f"{source}: " if source else ""
     if not examples:
@@ -384,10 +418,10 @@ def score(task: str, examples: Sequence[Example], predictions: Mapping[str, Pred
         raise ValueError(f"{where}{len(missing)} of {len(examples)} examples of task {task!r} have "
                          f"no prediction: {_first_few(missing)} (allow_missing scores them wrong)")
     ordered = [predictions.get(e.example_id) for e in examples]
-    metrics = _SCORERS[scoring.kind](examples, ordered, where, scoring)
+    metrics, per_example = _SCORERS[scoring.kind](examples, ordered, where, scoring)
     metrics["n"] = len(examples)
     metrics["missing"] = len(missing)
-    return metrics
+    return metrics, {e.example_id: value for e, value in zip(examples, per_example)}
 
 
 # ---------------------------------------------------------------------------------------------

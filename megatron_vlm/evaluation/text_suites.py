@@ -49,7 +49,9 @@ are indexed for it (``include_defaults=False``), which takes about a second inst
 entry: the metric's value under its own name (``"acc"`` or ``"acc_norm"``), ``"metric_used"``
 (that name), ``"score"`` (the same value), ``"stderr"``, ``"n"`` (examples scored) and
 ``"tasks"`` (the lm-eval tasks it came from); every metric lm-eval reported for a single-task
-entry is included as well, and ``"parts"`` (each section's value) for AGIEval LSAT.
+entry is included as well, and ``"parts"`` (each section's value) for AGIEval LSAT. ``"items"``
+holds each document's score (:class:`~megatron_vlm.evaluation.items.TaskItems`, from lm-eval's
+logged samples; the runner writes it to ``items/TASK.jsonl``, not into the metrics).
 :func:`suite_chance_levels` reads the chance levels a ShapesWorld task folder brings (its
 ``text/tasks.json``); the built-in levels and the stable score are in
 :mod:`megatron_vlm.evaluation.stable_score`.
@@ -181,7 +183,7 @@ def run_text_suite(lm, suite: str | Sequence[str], include_path: Optional[str] =
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, num_fewshot=int(num_fewshot),
             limit=None if limit is None else int(limit), task_manager=task_manager,
-            log_samples=False)
+            log_samples=True)  # the per-document scores become the entries' items
     except ConnectionError as err:  # `datasets` offline without the data set in its cache
         raise FileNotFoundError(
             f"text suite {_name(suite)}: a data set is neither in the local datasets cache nor "
@@ -219,8 +221,32 @@ def summarize(results: dict, entries: tuple[SuiteTask, ...]) -> dict[str, dict]:
         record.update({entry.metric: value, "metric_used": entry.metric, "score": value,
                        "stderr": stderr, "n": sum(p["n"] for p in parts),
                        "tasks": list(entry.lm_eval_tasks)})
+        record["items"] = _entry_items(results, entry)
         out[entry.name] = record
     return out
+
+
+def _entry_items(results: dict, entry: SuiteTask):
+    """The entry's per-document scores (lm-eval's logged samples: each document's ``acc`` or
+    ``acc_norm``) as :class:`~megatron_vlm.evaluation.items.TaskItems`; None when lm-eval
+    logged no samples. An entry made of several lm-eval tasks keys its documents
+    ``TASK/DOC_ID`` and groups them by task, as its value is the mean of the tasks' values."""
+    from megatron_vlm.evaluation.items import TaskItems
+
+    logged = results.get("samples")
+    if not logged:
+        return None
+    several = len(entry.lm_eval_tasks) > 1
+    ids, scores, groups = [], [], []
+    for task in entry.lm_eval_tasks:
+        samples = [s for s in logged.get(task) or () if s.get("filter", "none") == "none"]
+        if not samples:
+            raise RuntimeError(f"lm-eval logged no samples for task {task!r}")
+        for sample in sorted(samples, key=lambda s: s["doc_id"]):
+            ids.append(f"{task}/{sample['doc_id']}" if several else str(sample["doc_id"]))
+            scores.append(float(sample[entry.metric]))
+            groups.append(task)
+    return TaskItems(ids, scores, groups if several else None)
 
 
 def _task_metrics(results: dict, task: str, metric: str) -> dict:

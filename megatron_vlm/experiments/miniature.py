@@ -10,8 +10,9 @@ results exist, resumed when interrupted):
 
 then one more evaluation of the same checkpoint with every image replaced by one blank image
 (``evaluation.blank_images=true``, the vision tasks only): the drop of the vision stable score
-from the first to the second is how much the model's answers come from the images. It ends with
-a table of both (also ``OUTPUT_ROOT/results.md``), a figure of the per-task accuracies
+from the first to the second is how much the model's answers come from the images, tested as a
+paired difference over the same items (:func:`images_test`: its 95% interval and p-value). It
+ends with a table of both (also ``OUTPUT_ROOT/results.md``), a figure of the per-task accuracies
 (``OUTPUT_ROOT/plots/tasks.png``) and what to run next.
 
 Everything goes under ``OUTPUT_ROOT`` of the working directory (``runs/quickstart``, or
@@ -128,6 +129,27 @@ def vision_drop(with_images: Scores, blank: Scores) -> Optional[float]:
     return with_images.vision - blank.vision
 
 
+def images_test(with_images_dir: Path, blank_dir: Path):
+    """(the vision stable score with images against blank images, paired over the items both
+    evaluations scored: a :class:`~megatron_vlm.evaluation.compare.Row`, or None; why not, or
+    ''). The blank evaluation asks the same questions, so every item pairs."""
+    from megatron_vlm.evaluation.compare import STABLE_PREFIX, compare, load_arm
+
+    try:
+        comparison = compare(load_arm(blank_dir, "blank images"),
+                             load_arm(with_images_dir, "with images"))
+    except (FileNotFoundError, ValueError) as err:  # e.g. results from before items were kept
+        return None, str(err)
+    rows = {row.name: row for row in comparison.rows}
+    return rows.get(STABLE_PREFIX + "vision"), ""
+
+
+def images_test_text(row) -> str:
+    """The paired test of :func:`images_test` in words."""
+    return (f"95% CI [{row.ci95[0]:+.3f}, {row.ci95[1]:+.3f}], p = {row.p_value:.2g}, "
+            f"paired bootstrap over the same {row.n} items")
+
+
 def write_figure(with_images: Scores, blank: Scores, out_dir: Path, title: str) -> Path:
     """``out_dir/tasks.png``: per-task accuracy with images and with blank images, as grouped
     bars (vision and text tasks in two panels, drawn as tools/plot_results.py draws them)."""
@@ -168,7 +190,11 @@ def report(plan: Plan) -> tuple[str, Optional[float]]:
     blank = Scores.read(blank_run.run_dir / RESULTS_FILE)
     root = plan.spec.output_root
     table = results_markdown(with_images, blank, str(evaluation.final_checkpoint))
-    (root / "results.md").write_text(f"# {plan.spec.name}\n\n{table}")
+    test, why_not = images_test(evaluation.run_dir, blank_run.run_dir)
+    tested = "" if test is None else (
+        f"\nWith images against blank images, vision stable score {test.difference:+.3f} "
+        f"({images_test_text(test)}).\n")
+    (root / "results.md").write_text(f"# {plan.spec.name}\n\n{table}{tested}")
     figure = write_figure(with_images, blank, root / "plots", plan.spec.name)
     drop = vision_drop(with_images, blank)
     examples = ("every example" if evaluation.limit is None
@@ -178,7 +204,9 @@ def report(plan: Plan) -> tuple[str, Optional[float]]:
                  f"{examples}", "", table]
     if drop is not None:
         lines.append(f"vision stable score with images {with_images.vision:.3f}, with blank "
-                     f"images {blank.vision:.3f}: the images are worth {drop:+.3f}")
+                     f"images {blank.vision:.3f}: the images are worth {drop:+.3f}" +
+                     (f" ({images_test_text(test)})" if test is not None
+                      else f" (no paired test: {why_not})" if why_not else ""))
     lines += [f"table: {root / 'results.md'}; figure: {figure}; logs: {root / 'logs'}", "",
               "what next:",
               "  python tools/sweep.py examples/sweeps/fig4_checkpoint_pct_tiny_cpu.yaml   "

@@ -15,6 +15,9 @@ can be checked against the table. Kinds:
   counterparts ``shapesworld_vqa`` and ``shapesworld_arith``, both open-ended / 4-choice like
   the originals).
 
+Where the table has a metric's 95% interval (its ``_lo``/``_hi`` columns) the point or bar gets
+an error bar spanning it.
+
 :func:`pick_kinds` chooses from the grid columns that vary: the ablation when ``encoder`` or
 ``projector`` varies, else one line figure per varying line axis; ``tasks`` whenever the
 table has task results.
@@ -51,6 +54,13 @@ class Series:
     x: list[Any]
     y: list[float]
     hollow: list[bool] = field(default_factory=list)
+    intervals: list[Optional[tuple[float, float]]] = field(default_factory=list)
+    """Each point's 95% interval (lo, hi), or None; empty: none at all."""
+
+
+def _interval(row: dict, column: str) -> Optional[tuple[float, float]]:
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    return None if lo is None or hi is None else (lo, hi)
 
 
 @dataclass
@@ -134,12 +144,13 @@ def _line_figure(table: ResultsTable, axis: str, metrics: Optional[Sequence[str]
     for metric in metrics:
         series = []
         for label, rows in groups.items():
-            points = sorted((row[axis], row[metric]) for row in rows if row[metric] is not None)
+            points = sorted(((row[axis], row[metric], _interval(row, metric)) for row in rows
+                             if row[metric] is not None), key=lambda p: (p[0], p[1]))
             series.append(Series(
                 label=label or metric_label(metric), x=[p[0] for p in points],
                 y=[p[1] for p in points],
                 hollow=[axis == "text_checkpoint" and p[0] in REWARMED_CHECKPOINTS
-                        for p in points]))
+                        for p in points], intervals=[p[2] for p in points]))
         panels.append(Panel(metric_label(metric), _axis_label(axis), _value_label(metric),
                             series))
     note = ("hollow markers: LR re-warmed (text checkpoint 0% and 100%)"
@@ -158,7 +169,7 @@ def _tasks_figure(table: ResultsTable, metrics: Optional[Sequence[str]]) -> Figu
         if not tasks:
             continue
         series = [Series(row["run"], [c.partition(".")[2] for c in tasks],
-                         [row[c] for c in tasks])
+                         [row[c] for c in tasks], intervals=[_interval(row, c) for c in tasks])
                   for row in table.rows if any(row[c] is not None for c in tasks)]
         panels.append(Panel(f"{kind} tasks", "task", "accuracy", series,
                             categories=[c.partition(".")[2] for c in tasks]))
@@ -188,9 +199,11 @@ def _ablation_figure(table: ResultsTable, metrics: Optional[Sequence[str]]) -> F
     for metric in chosen:
         series = []
         for label, members in groups.items():
-            by_arm = {" / ".join(str(r[a]) for a in arms): r[metric] for r in members}
-            cats = [c for c in categories if by_arm.get(c) is not None]
-            series.append(Series(label or " / ".join(arms), cats, [by_arm[c] for c in cats]))
+            by_arm = {" / ".join(str(r[a]) for a in arms): r for r in members}
+            cats = [c for c in categories if c in by_arm and by_arm[c][metric] is not None]
+            series.append(Series(label or " / ".join(arms), cats,
+                                 [by_arm[c][metric] for c in cats],
+                                 intervals=[_interval(by_arm[c], metric) for c in cats]))
         panels.append(Panel(metric_label(metric), " / ".join(arms), _value_label(metric),
                             series, categories=categories))
     return FigureData("ablation", f"seed ablations ({' x '.join(arms)})", panels)
@@ -227,9 +240,26 @@ def render(data: FigureData, sweep: str):
     return fig
 
 
+def _error_bars(series: Series) -> Optional[list[list[float]]]:
+    """matplotlib's yerr (distances below and above each point) from the series' intervals;
+    None when it has none. A bar's value can be None (a missing task's bar is drawn at 0)."""
+    if not any(series.intervals):
+        return None
+    below, above = [], []
+    for y, interval in zip(series.y, series.intervals):
+        lo, hi = interval if interval is not None and y is not None else (y, y)
+        below.append(0.0 if y is None else y - lo)
+        above.append(0.0 if y is None else hi - y)
+    return [below, above]
+
+
 def _draw_lines(ax, panel: Panel) -> None:
     for series in panel.series:
         (line,) = ax.plot(series.x, series.y, marker="o", label=series.label)
+        errors = _error_bars(series)
+        if errors is not None:
+            ax.errorbar(series.x, series.y, yerr=errors, fmt="none", capsize=3,
+                        ecolor=line.get_color(), alpha=0.7)
         hollow = [(x, y) for x, y, h in zip(series.x, series.y, series.hollow) if h]
         if hollow:  # overdraw the re-warmed points as open circles (not in ax.lines' data)
             ax.scatter([p[0] for p in hollow], [p[1] for p in hollow], s=64, zorder=3,
@@ -240,13 +270,17 @@ def _draw_bars(ax, panel: Panel) -> None:
     positions = {c: i for i, c in enumerate(panel.categories)}
     if len(panel.series) == 1:  # one bar per category, each its own colour and legend entry
         (series,) = panel.series
+        errors = _error_bars(series)
         for k, (c, y) in enumerate(zip(series.x, series.y)):
-            ax.bar([positions[c]], [y], width=0.7, color=f"C{positions[c] % 10}", label=c)
+            ax.bar([positions[c]], [y], width=0.7, color=f"C{positions[c] % 10}", label=c,
+                   yerr=None if errors is None else [[errors[0][k]], [errors[1][k]]],
+                   capsize=3)
     else:
         width = 0.8 / len(panel.series)
         for k, series in enumerate(panel.series):
             xs = [positions[c] - 0.4 + width * (k + 0.5) for c in series.x]
-            ax.bar(xs, series.y, width=width, label=series.label)
+            ax.bar(xs, series.y, width=width, label=series.label, yerr=_error_bars(series),
+                   capsize=2)
     ax.set_xticks(range(len(panel.categories)))
     ax.set_xticklabels(panel.categories, rotation=30 if len(panel.categories) > 4 else 0,
                        ha="right" if len(panel.categories) > 4 else "center", fontsize=8)

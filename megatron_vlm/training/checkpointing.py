@@ -35,13 +35,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_vlm.fsutil import fsync_dir, write_text_atomic
 from megatron_vlm.lifecycle import start_write_results_manager, stop_write_results_manager
 from megatron_vlm.training.checkpoint_checks import check_checkpoint_files, check_loaded_keys
+# The names of a checkpoint's files, also read from here (ckpt.COMMON, ckpt.step_dir_name).
+from megatron_vlm.training.checkpoint_names import (  # noqa: F401
+    COMMON,
+    LATEST,
+    STEP_DIR,
+    step_dir_name,
+)
 
 logger = logging.getLogger("megatron_vlm")
 
-LATEST = "latest"
 KEPT = "kept"  # common.json: a fraction checkpoint, never pruned
-STEP_DIR = re.compile(r"^step_(\d{7})$")
-COMMON = "common.json"
 LAYOUT = "layout"  # common-dict key: the layout a checkpoint with RNG states was saved at
 OPTIMIZER_SHARDING = "optimizer_sharding"  # common-dict key: the distributed optimizer's format
 # The distributed optimizer's checkpoint format (megatron-core's `distrib_optim_sharding_type`).
@@ -572,10 +576,6 @@ def _saved_to_keep(directory: Path) -> bool:
         return bool(json.loads((directory / COMMON).read_text()).get(KEPT))
     except (OSError, ValueError):
         return False  # incomplete or unreadable: an ordinary candidate
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 # Kept for the parallel self-check: weights only, no optimizer, no RNG, no common file.

@@ -7,7 +7,9 @@ loop:  LR from the schedule -> one train step (megatron schedules) -> log -> may
 
 A start that fails removes what it created in the run directory. tokens/s (and TFLOP/s, MFU)
 count the train steps only: checkpoint saves and the loader's start-up are timed apart
-(docs/operations.md).
+(docs/operations.md); real_tokens/s counts the non-padding positions among them, from the
+run's token ledger, which the loader counts on the host and every checkpoint saves along with
+the checkpoint's lineage (training/ledger.py, training/lineage.py).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def log_trainable(model) -> None:
 
 
 def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
-    """(next_step function, loader or None) for ``data.kind``."""
+    """(next_step function, loader) for ``data.kind``. The loader has ``state_dict()``,
+    ``epoch_tokens`` (real tokens of one epoch per source) and ``last_tally`` (what the global
+    batch last returned holds of each source, counted on the host)."""
     train, enc = cfg.train, cfg.model.encoder
     if cfg.data.kind == "blend":
         from megatron_vlm.data.loader import BlendLoader, DataSources, LoaderState, build_index
@@ -85,6 +89,7 @@ def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
         return loader.next_step, loader
 
     from megatron_vlm.data.batch import check_batch, random_batch, slice_rows, split_microbatches
+    from megatron_vlm.data.batch_tally import RANDOM_SOURCE, random_batch_tally
 
     consumed = (loader_state or {}).get("consumed_global_batches", 0)
     rows = train.global_batch_size // dp
@@ -98,11 +103,14 @@ def make_batches(cfg, dp_rank: int, dp: int, loader_state: Optional[dict]):
                              cfg.model.decoder.vocab_size, enc.num_image_tokens, enc.embed_dim,
                              image_size=enc.image_size if enc.mode == "online" else None,
                              documents=cfg.data.caption_fill == "text")
+        next_random.last_tally = random_batch_tally(batch)  # the whole global batch, on the host
         mine = slice_rows(batch, dp_rank * rows, (dp_rank + 1) * rows)
         check_batch(mine, enc.num_image_tokens, where=f"random global batch {consumed - 1}")
         return split_microbatches(mine, train.micro_batch_size)
 
     next_random.state_dict = lambda: {"consumed_global_batches": consumed}
+    next_random.epoch_tokens = {RANDOM_SOURCE: None}  # random batches never run out
+    next_random.last_tally = {}
     return next_random, next_random
 
 
@@ -169,6 +177,12 @@ class _Started:
     loader: object
     sink: object
     features: object  # the model's resolved performance features
+    ledger: object
+    """The run's token ledger (:class:`~megatron_vlm.training.ledger.TokenLedger`), continued
+    from the checkpoint resumed from."""
+    lineage: object
+    """What every checkpoint of the run records of its lineage
+    (:class:`~megatron_vlm.training.lineage.RunLineage`)."""
 
 
 def train(cfg, on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
@@ -230,6 +244,8 @@ def _start(cfg, out: Path) -> _Started:
     from megatron_vlm.training import checkpointing as ckpt
     from megatron_vlm.training.checkpoint_checks import check_resume_schedule
     from megatron_vlm.training.grad_finalize import GRAD_NORM_PATH
+    from megatron_vlm.training.ledger import TokenLedger
+    from megatron_vlm.training.lineage import RunLineage
     from megatron_vlm.training.metrics_log import MetricsLog
     from megatron_vlm.training.step import setup_training
 
@@ -257,6 +273,12 @@ def _start(cfg, out: Path) -> _Started:
     # not after the model is built (the loader's workers start at the first step).
     next_step, loader = make_batches(cfg, parallel_state.get_data_parallel_rank(), dp,
                                      resume_common["loader"] if resume_common else None)
+    ledger = TokenLedger(cfg.train.seq_length, dict(loader.epoch_tokens))
+    if resume_common is not None:
+        ledger.resume_from(resume_common.get("ledger"), resume_common["step"],
+                           str(resume / ckpt.COMMON))
+    index = getattr(loader, "index", None)  # the blend index, whose key names the data
+    lineage = RunLineage.of_run(cfg, index.cache_path if index is not None else None)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         logger.info("%s", config_summary(cfg, dump_config(cfg, out / "config.yaml")))
@@ -290,7 +312,7 @@ def _start(cfg, out: Path) -> _Started:
     sink = (MetricsLog(out, config_to_dict(cfg), cfg.name, cfg.train.wandb_project)
             if rank == 0 else None)
     return _Started(schedule, info, rank, world, state, start, next_step, loader, sink,
-                    model.features)
+                    model.features, ledger, lineage)
 
 
 def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
@@ -303,6 +325,7 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
     from megatron_vlm.training.step import summarize_losses, train_step
 
     schedule, state, rank, start, sink = run.schedule, run.state, run.rank, run.start, run.sink
+    ledger = run.ledger
     ckpt_dir = out / "checkpoints"
     saves = checkpoint_steps(cfg.train.train_iters, cfg.checkpoint.save_fractions) \
         if cfg.checkpoint.save_fractions else {}
@@ -329,6 +352,7 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
     # Losses stay on the device between log steps (summed, so a log line reports the per-token
     # mean over its interval); reading them is the only wait for the GPU the loop adds.
     pending, last_logged, interval_flops = None, start, 0.0
+    real_at_last_log = ledger.real_tokens
     clock = StepClock(run.info.device)
     try:
         for step in range(start, cfg.train.train_iters):
@@ -338,6 +362,7 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
             # batches): not a step's cost.
             with clock.apart("loader_startup") if step == start else contextlib.nullcontext():
                 microbatches = run.next_step()
+            ledger.add(run.loader.last_tally)  # counted by the loader on the host
             # Model FLOPs of this step (projector work follows the share of image positions).
             interval_flops += tokens_per_step * flops.flops_per_token(
                 cfg, flops.image_positions_fraction(microbatches))
@@ -352,13 +377,16 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
                 steps = done - last_logged
                 flops_per_s_per_gpu = interval_flops / seconds / run.world
                 metrics.update(tokens_per_s=tokens_per_step * steps / seconds,
+                               real_tokens_per_s=(ledger.real_tokens - real_at_last_log) / seconds,
                                tflops=flops_per_s_per_gpu / 1e12)
+                metrics.update(ledger.metrics())
                 metrics.update({f"{what}_s": s for what, s in apart.items()})
                 if peaks is not None:
                     metrics.update({k: v for k, v in flops.mfu_by_peak(
                         flops_per_s_per_gpu, peaks, fp8=bool(cfg.train.fp8)).items()
                         if v is not None})
                 pending, last_logged, interval_flops = None, done, 0.0
+                real_at_last_log = ledger.real_tokens
                 if sink is not None:
                     sink.log(done, metrics)
                 if rank == 0:
@@ -366,9 +394,11 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
                     sources = [k for k in metrics if k.startswith("loss/")]
                     extra = "".join(f" {k}={metrics[k]:.4f}" for k in sources
                                     if len(sources) > 1)
-                    logger.info("step %d/%d loss=%.4f%s lr=%.3e grad_norm=%.3f tokens/s=%.0f%s",
+                    logger.info("step %d/%d loss=%.4f%s lr=%.3e grad_norm=%.3f tokens/s=%.0f "
+                                "real_tokens/s=%.0f%s",
                                 done, cfg.train.train_iters, metrics["loss"], extra, lr,
                                 metrics["grad_norm"], metrics["tokens_per_s"],
+                                metrics["real_tokens_per_s"],
                                 "".join(f" {k}={metrics[k]:.3f}" for k in
                                         ("mfu_bf16_peak", "mfu_fp8_peak") if k in metrics))
             history.append(metrics)
@@ -387,7 +417,10 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
                     common = {"step": done, "schedule": meta.to_dict(),
                               "loader": run.loader.state_dict(),
                               "fraction": done / cfg.train.train_iters, ckpt.KEPT: done in saves,
-                              "config": config_to_dict(cfg)}
+                              "config": config_to_dict(cfg), "ledger": ledger.state_dict()}
+                    # What made this checkpoint, the chain of its parents included.
+                    common["lineage"] = run.lineage.record(done, common["fraction"],
+                                                           common["ledger"])
                     began = time.perf_counter()
                     with synced_parameters(state.model):
                         writer.save(ckpt_dir / ckpt.step_dir_name(done), state.model,
@@ -403,6 +436,8 @@ def _train_steps(cfg, out: Path, run: _Started, on_step) -> list[dict]:
         if sink is not None:  # also on Ctrl-C: TensorBoard and W&B keep what was logged
             sink.close()
     if rank == 0 and start < cfg.train.train_iters:
+        for line in ledger.table().splitlines():  # each a log line of its own, for piped logs
+            logger.info("%s", line)
         logger.info("trained steps %d-%d in %.1f s; metrics in %s", start + 1,
                     cfg.train.train_iters, seconds, out / "metrics.jsonl")
     elif rank == 0:
