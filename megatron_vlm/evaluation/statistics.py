@@ -13,9 +13,11 @@ intervals. The percentile interval of B resamples is ``np.quantile(values, [a/2,
 with linear interpolation, as scipy.stats.bootstrap's ``method="percentile"``; given the same
 generator both draw the same indices, so their intervals are equal.
 
-* :func:`bootstrap_ci`: interval of one task's value.
+* :func:`task_draws`: the bootstrap values of one task's value; :func:`bootstrap_ci`: its
+  interval.
 * :func:`stable_score_ci`: interval of a stable score (the mean over tasks of value - chance):
-  each task's items are resampled independently of the others', and the score recomputed.
+  each task's items are resampled independently of the others', and the score recomputed
+  (:func:`stable_score_draws`, from the tasks' own draws, which an evaluation draws once).
 * :func:`paired_bootstrap`: the difference B - A between two arms scored on the same items
   (aligned by the caller: item i of ``a`` and of ``b`` is the same example). Every resample
   draws one set of item indices and applies it to both arms, so the variation the arms share
@@ -138,14 +140,23 @@ def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float
     return float(lo), float(hi)
 
 
+def task_draws(scores, groups: Optional[Sequence] = None, resamples: int = RESAMPLES,
+               seed: int = SEED, task: str = "",
+               rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """The bootstrap values of a task's value over its items ([resamples]) on the task's own
+    stream (``rng`` overrides the one :func:`task_rng` gives ``seed`` and ``task``): what its
+    interval and a stable score's interval are both made from."""
+    scores = _as_scores(scores, task or "scores")
+    rng = rng if rng is not None else task_rng(seed, task)
+    return resampled_means(scores, groups, resamples, rng)[0]
+
+
 def bootstrap_ci(scores, groups: Optional[Sequence] = None, resamples: int = RESAMPLES,
                  seed: int = SEED, level: float = LEVEL, task: str = "",
                  rng: Optional[np.random.Generator] = None) -> tuple[float, float]:
     """Percentile bootstrap interval of a task's value over its items (``rng`` overrides the
     stream :func:`task_rng` gives ``seed`` and ``task``)."""
-    scores = _as_scores(scores)
-    rng = rng if rng is not None else task_rng(seed, task)
-    return percentile_interval(resampled_means(scores, groups, resamples, rng)[0], level)
+    return percentile_interval(task_draws(scores, groups, resamples, seed, task, rng), level)
 
 
 @dataclass(frozen=True)
@@ -161,14 +172,23 @@ def stable_score_ci(tasks: Mapping[str, TaskScores], resamples: int = RESAMPLES,
                     seed: int = SEED, level: float = LEVEL) -> tuple[float, float]:
     """Interval of a stable score, the mean over ``tasks`` of (value - chance): every task's
     items resampled on their own (:func:`task_rng`), the score recomputed per resample."""
-    if not tasks:
+    draws = {name: task_draws(task.scores, task.groups, resamples, seed, name)
+             for name, task in tasks.items()}
+    return percentile_interval(
+        stable_score_draws(draws, {name: task.chance for name, task in tasks.items()}), level)
+
+
+def stable_score_draws(draws: Mapping[str, np.ndarray],
+                       chance: Mapping[str, float]) -> np.ndarray:
+    """A stable score's bootstrap values from its tasks' :func:`task_draws`: per resample, the
+    mean over the tasks of (value - chance)."""
+    if not draws:
         raise ValueError("a stable score needs at least one task")
-    total = np.zeros(resamples)
-    for name, task in tasks.items():
-        scores = _as_scores(task.scores, name)
-        total += resampled_means(scores, task.groups, resamples, task_rng(seed, name))[0]
-        total -= task.chance
-    return percentile_interval(total / len(tasks), level)
+    total = np.zeros(len(next(iter(draws.values()))))
+    for name, values in draws.items():
+        total += values
+        total -= chance.get(name, 0.0)
+    return total / len(draws)
 
 
 def _shifted_p_value(differences: np.ndarray, observed: float) -> float:

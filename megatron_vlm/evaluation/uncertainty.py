@@ -67,7 +67,9 @@ def add_intervals(results: dict, output_dir: str | os.PathLike,
     the others' items are read from the files their entries name."""
     from megatron_vlm.evaluation import statistics
 
-    have: dict[str, TaskItems] = {}
+    # Each task's bootstrap values, drawn once: its own interval and the stable score's are
+    # both made from them (statistics.task_draws).
+    draws: dict = {}
     for task, entry in results["tasks"].items():
         entry["metrics"].pop(CI_KEY, None)
         found = items.get(task)
@@ -77,18 +79,16 @@ def add_intervals(results: dict, output_dir: str | os.PathLike,
             found = task_items(results, output_dir, task)
         if found is None:
             continue
-        have[task] = found
-        entry["metrics"][CI_KEY] = list(statistics.bootstrap_ci(
-            found.scores, found.groups, resamples=resamples, seed=seed, task=task))
+        draws[task] = statistics.task_draws(found.scores, found.groups, resamples, seed, task)
+        entry["metrics"][CI_KEY] = list(statistics.percentile_interval(draws[task]))
     chance = results.get("chance") or {}
     for kind, stable in (results.get("stable_score") or {}).items():
         stable.pop(STABLE_CI_KEY, None)
         terms = stable.get("terms") or {}
-        if not terms or any(t not in have for t in terms):
+        if not terms or any(t not in draws for t in terms):
             continue
-        stable[STABLE_CI_KEY] = list(statistics.stable_score_ci(
-            {t: statistics.TaskScores(have[t].scores, chance.get(t, 0.0), have[t].groups)
-             for t in terms}, resamples=resamples, seed=seed))
+        stable[STABLE_CI_KEY] = list(statistics.percentile_interval(
+            statistics.stable_score_draws({t: draws[t] for t in terms}, chance)))
     results[UNCERTAINTY_KEY] = {"method": statistics.METHOD, "resamples": resamples,
                                 "seed": seed, "level": statistics.LEVEL}
 
